@@ -1,0 +1,7 @@
+//! amictl: publish NixOS images as AMIs and roll fleets onto them.
+//!
+//! Each subcommand lives in its own module under [`cmd`] with its clap `Args` and `run()`;
+//! the decisions they make live in pure, unit-tested modules beside them.
+
+pub mod archive;
+pub mod cmd;
