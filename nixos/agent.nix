@@ -48,7 +48,8 @@ let
 
   # `ADDR:PORT` as the agent parses it (a socket address: IPv4, or IPv6 in brackets; no
   # host names). The port has no leading zero and is checked against 65535 below.
-  listenParts = builtins.match "([0-9.]+|\\[[0-9A-Fa-f:.]+\\]):([1-9][0-9]{0,4})" cfg.listen;
+  # (`[[]` is a literal `[` in a POSIX regex.)
+  listenParts = builtins.match "([0-9.]+|[[][0-9A-Fa-f:.]+]):([1-9][0-9]{0,4})" cfg.listen;
   port = if listenParts == null then null else lib.toInt (lib.elemAt listenParts 1);
   listenValid = port != null && port <= 65535;
 
@@ -96,7 +97,8 @@ in
       defaultText = literalExpression ''"''${config.services.ami-agent.site}/manifest.json"'';
       description = ''
         The manifest (`ami-agent manifest` output) listing every served file with its size and
-        sha256. The agent heals files that drift from it. `null` serves without healing.
+        sha256. The agent heals files that drift from it. With `null` the agent derives one from
+        the content at start (the release is then whatever the content holds).
       '';
     };
 

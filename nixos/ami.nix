@@ -20,12 +20,12 @@
     ./image.nix
   ];
 
-  # EBS direct upload (the snapshot import path of amictl) takes raw images only.
+  # amictl uploads the snapshot with the EBS direct APIs, which take raw disk images only.
   amazonImage.format = "raw";
 
   # e.g. amictl-26.05.20260801.02e0898-x86_64-linux.img: the NixOS release and nixpkgs
   # revision in the name, the architecture at the end.
-  image.baseName = "amictl-${config.system.nixos.label}-${pkgs.stdenv.hostPlatform.system}";
+  image.baseName = "amictl-${config.system.nixos.version}-${pkgs.stdenv.hostPlatform.system}";
 
   # Size the disk to the closure (plus upstream's default headroom) instead of the 4 GiB
   # default: less to upload and snapshot. growpart resizes the root partition and file

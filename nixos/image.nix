@@ -66,21 +66,21 @@ in
           mkdir -p $out/nix-support
           echo "file ${cfg.format} $diskImage" >> $out/nix-support/hydra-build-products
           ${lib.getExe pkgs.jq} -n \
-            --arg label ${lib.escapeShellArg config.system.nixos.version} \
+            --arg release_label ${lib.escapeShellArg config.system.nixos.version} \
             --arg boot_mode ${bootMode} \
             --arg system ${lib.escapeShellArg pkgs.stdenv.hostPlatform.system} \
             --arg logical_bytes "$(stat -c %s "$diskImage")" \
             --arg file "$diskImage" \
             --argjson register_image ${lib.escapeShellArg (builtins.toJSON registerImage)} \
             '{
-              label: $label,
-              boot_mode: $boot_mode,
-              system: $system,
-              logical_bytes: $logical_bytes,
-              file: $file,
-              disks: { root: { logical_bytes: $logical_bytes, file: $file } }
+              "label": $release_label,
+              "boot_mode": $boot_mode,
+              "system": $system,
+              "logical_bytes": $logical_bytes,
+              "file": $file,
+              "disks": { "root": { "logical_bytes": $logical_bytes, "file": $file } }
             }
-            + (if $register_image == null then {} else { registerImage: $register_image } end)' \
+            + (if $register_image == null then {} else { "registerImage": $register_image } end)' \
             > $out/nix-support/image-info.json
         '';
       }

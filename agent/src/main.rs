@@ -1,7 +1,13 @@
 use clap::Parser;
 
 fn main() {
-    let cli = ami_agent::cmd::Cli::parse();
+    let cli = match ami_agent::cmd::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => {
+            let _ = err.print();
+            std::process::exit(ami_agent::cmd::usage_exit_code(&err, std::env::args()));
+        }
+    };
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(&cli.log))
         .with_writer(std::io::stderr)

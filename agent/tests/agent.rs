@@ -295,3 +295,22 @@ fn manifest_command_is_deterministic_and_serve_reads_a_config_file() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("health_intervall"));
 }
+
+#[test]
+fn a_mistyped_check_is_unknown_not_unhealthy() {
+    let out = Command::new(agent_bin())
+        .args(["check", "--no-such-flag"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let out = Command::new(agent_bin())
+        .args(["serve", "--no-such-flag"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let out = Command::new(agent_bin())
+        .args(["check", "--help"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+}

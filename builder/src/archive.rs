@@ -94,7 +94,7 @@ pub enum ArchiveError {
         source: io::Error,
     },
 
-    #[error("`git ls-files` failed in {}: {stderr}", dir.display())]
+    #[error("git failed in {}: {stderr}", dir.display())]
     Git { dir: PathBuf, stderr: String },
 
     #[error("{}: zip entry names must be UTF-8", path.display())]
@@ -149,7 +149,7 @@ fn check_dir(dir: &Path) -> Result<(), ArchiveError> {
 /// git work tree, every file under `dir` otherwise.
 pub fn list(dir: &Path) -> Result<(Listing, Vec<Entry>), ArchiveError> {
     check_dir(dir)?;
-    if inside_git_work_tree(dir) {
+    if inside_git_work_tree(dir)? {
         Ok((Listing::Git, list_git(dir)?))
     } else {
         Ok((Listing::Walk, list_walk(dir)?))
@@ -170,19 +170,31 @@ fn git(dir: &Path) -> Command {
 }
 
 /// Whether `dir` is inside a git work tree. No git on the PATH counts as no: the Nix build
-/// sandbox has neither git nor `.git`.
-fn inside_git_work_tree(dir: &Path) -> bool {
-    match git(dir)
+/// sandbox has neither git nor `.git`. A repository git refuses to read (another user's,
+/// without `safe.directory`) is an error rather than a silent walk, which would archive
+/// untracked files.
+fn inside_git_work_tree(dir: &Path) -> Result<bool, ArchiveError> {
+    let out = match git(dir)
         .args(["rev-parse", "--is-inside-work-tree"])
-        .stderr(Stdio::null())
         .output()
     {
-        Ok(out) => out.status.success() && out.stdout.trim_ascii() == b"true",
+        Ok(out) => out,
         Err(err) => {
             tracing::debug!(%err, "cannot run git; walking the directory instead");
-            false
+            return Ok(false);
         }
+    };
+    if out.status.success() {
+        return Ok(out.stdout.trim_ascii() == b"true");
     }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if stderr.contains("safe.directory") {
+        return Err(ArchiveError::Git {
+            dir: dir.to_path_buf(),
+            stderr: stderr.trim().to_string(),
+        });
+    }
+    Ok(false)
 }
 
 /// The tracked files under `dir`, as they are in the working tree.

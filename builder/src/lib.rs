@@ -4,4 +4,6 @@
 //! the decisions they make live in pure, unit-tested modules beside them.
 
 pub mod archive;
+pub mod aws;
 pub mod cmd;
+pub mod image;

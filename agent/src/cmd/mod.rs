@@ -35,6 +35,23 @@ pub enum Command {
     Drift(drift::Args),
 }
 
+/// Exit code for a command line clap rejected. `check` reserves 2 for "unhealthy", so a
+/// mistyped health command must say "unknown" (3) rather than condemn the instance.
+pub fn usage_exit_code(err: &clap::Error, mut args: impl Iterator<Item = String>) -> i32 {
+    use clap::error::ErrorKind;
+    if matches!(
+        err.kind(),
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion
+    ) {
+        return 0;
+    }
+    if args.nth(1).as_deref() == Some("check") {
+        3
+    } else {
+        2
+    }
+}
+
 impl Cli {
     /// The runtime each subcommand needs: the one-shot probes stay on one thread so they
     /// start fast and small; the server uses every core.

@@ -1,0 +1,118 @@
+//! Everything the AWS clients share: one SDK configuration from the standard chain (with an
+//! endpoint override through `AWS_ENDPOINT_URL`, timeouts and bounded retries), and errors
+//! that say what to do about them.
+
+use std::time::Duration;
+
+use aws_config::retry::RetryConfig;
+use aws_config::timeout::TimeoutConfig;
+use aws_config::{BehaviorVersion, Region, SdkConfig};
+use aws_credential_types::provider::ProvideCredentials;
+use aws_smithy_types::error::display::DisplayErrorContext;
+use aws_smithy_types::error::metadata::ProvideErrorMetadata;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AwsError {
+    /// The resource does not exist (or is not visible yet).
+    #[error("{0}")]
+    NotFound(String),
+    #[error("access denied: {message} (the IAM policy needs {action}; `amictl iam-policy` prints one that has it)")]
+    Denied {
+        action: &'static str,
+        message: String,
+    },
+    #[error("no AWS credentials: {0}. amictl uses the standard chain: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE and ~/.aws/config, SSO, web identity, ECS or EC2 instance roles")]
+    Credentials(String),
+    #[error("no AWS region: set AWS_REGION (or a profile's region) or pass --region")]
+    NoRegion,
+    #[error("{action}: {message}")]
+    Other {
+        action: &'static str,
+        message: String,
+    },
+}
+
+/// Every request gets these: coldsnap's worst bugs were silent hangs (awslabs/coldsnap
+/// #437), so nothing waits without a deadline.
+fn timeouts() -> TimeoutConfig {
+    TimeoutConfig::builder()
+        .connect_timeout(Duration::from_secs(10))
+        // One 512 KiB block over a slow uplink takes seconds, not a minute.
+        .operation_attempt_timeout(Duration::from_secs(60))
+        .operation_timeout(Duration::from_secs(5 * 60))
+        .build()
+}
+
+/// Throttling and 5xx are retried with exponential backoff and full jitter by the SDK's
+/// standard strategy; 6 attempts spans about a minute of an API's bad moment.
+fn retries() -> RetryConfig {
+    RetryConfig::standard()
+        .with_max_attempts(6)
+        .with_initial_backoff(Duration::from_millis(200))
+        .with_max_backoff(Duration::from_secs(20))
+}
+
+/// Loads the standard chain and checks that credentials and a region are there, before
+/// anything is created.
+pub async fn load(region: Option<&str>) -> Result<SdkConfig, AwsError> {
+    let mut loader = aws_config::defaults(BehaviorVersion::latest())
+        .timeout_config(timeouts())
+        .retry_config(retries());
+    if let Some(r) = region {
+        loader = loader.region(Region::new(r.to_owned()));
+    }
+    let config = loader.load().await;
+    if config.region().is_none() {
+        return Err(AwsError::NoRegion);
+    }
+    let provider = config
+        .credentials_provider()
+        .ok_or_else(|| AwsError::Credentials("no credentials provider is configured".into()))?;
+    provider
+        .provide_credentials()
+        .await
+        .map_err(|e| AwsError::Credentials(DisplayErrorContext(e).to_string()))?;
+    Ok(config)
+}
+
+/// Turns an SDK error into what an operator can act on. `action` is the IAM action of the
+/// call (`ec2:RegisterImage`), named in access-denied errors.
+pub fn classify<E, R>(
+    action: &'static str,
+    err: aws_smithy_runtime_api::client::result::SdkError<E, R>,
+) -> AwsError
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    R: std::fmt::Debug + Send + Sync + 'static,
+{
+    let code = err.code().unwrap_or_default().to_owned();
+    let message = err
+        .message()
+        .map(str::to_owned)
+        .unwrap_or_else(|| DisplayErrorContext(&err).to_string());
+    match code.as_str() {
+        "AccessDenied"
+        | "AccessDeniedException"
+        | "UnauthorizedOperation"
+        | "UnauthorizedAccess"
+        | "AuthFailure" => AwsError::Denied { action, message },
+        c if c.ends_with("NotFound") || c == "ResourceNotFoundException" => {
+            AwsError::NotFound(format!("{action}: {c}: {message}"))
+        }
+        "" => AwsError::Other { action, message },
+        c => AwsError::Other {
+            action,
+            message: format!("{c}: {message}"),
+        },
+    }
+}
+
+/// The error's code, for callers that branch on one (e.g. `InvalidAMIName.Duplicate`).
+pub fn error_code<E, R>(
+    err: &aws_smithy_runtime_api::client::result::SdkError<E, R>,
+) -> Option<&str>
+where
+    E: ProvideErrorMetadata,
+{
+    err.code()
+}

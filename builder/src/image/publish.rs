@@ -1,0 +1,435 @@
+//! `image publish`, the orchestration: look the image up by store path and by content
+//! digest, upload only when no AMI has it, register, wait until available, and leave
+//! nothing half-made behind on failure or Ctrl-C.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use indicatif::ProgressBar;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::aws::AwsError;
+
+use super::cache::DigestCache;
+use super::info::ImageSource;
+use super::register::{
+    build_spec, digest_tag, validate_prefix, RegisterSpec, SpecError, TAG_DIGEST, TAG_STORE_PATH,
+};
+use super::upload::{jitter, upload, SnapshotStore, UploadError, UploadOptions, Uploaded};
+
+/// An AMI of this account, as DescribeImages tells it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AmiRecord {
+    pub id: String,
+    pub name: String,
+    /// `pending`, `available`, `failed`, ...
+    pub state: String,
+    pub tags: Vec<(String, String)>,
+    pub snapshot_ids: Vec<String>,
+    pub created: String,
+    pub public: bool,
+}
+
+impl AmiRecord {
+    pub fn tag(&self, key: &str) -> Option<&str> {
+        self.tags
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RegisterError {
+    #[error("an AMI named {0:?} already exists")]
+    DuplicateName(String),
+    #[error(transparent)]
+    Aws(#[from] AwsError),
+}
+
+/// EC2's AMI calls.
+pub trait ImageRegistry: Send + Sync + 'static {
+    /// This account's AMIs carrying every given tag.
+    fn find(
+        &self,
+        tags: &[(&str, &str)],
+    ) -> impl Future<Output = Result<Vec<AmiRecord>, AwsError>> + Send;
+    fn find_by_name(
+        &self,
+        name: &str,
+    ) -> impl Future<Output = Result<Option<AmiRecord>, AwsError>> + Send;
+    fn get(&self, ami_id: &str)
+        -> impl Future<Output = Result<Option<AmiRecord>, AwsError>> + Send;
+    fn register(
+        &self,
+        spec: &RegisterSpec,
+    ) -> impl Future<Output = Result<String, RegisterError>> + Send;
+    fn tag(
+        &self,
+        resource_ids: &[String],
+        tags: &[(String, String)],
+    ) -> impl Future<Output = Result<(), AwsError>> + Send;
+    fn deregister(&self, ami_id: &str) -> impl Future<Output = Result<(), AwsError>> + Send;
+}
+
+#[derive(Debug, Clone)]
+pub struct PublishOptions {
+    pub prefix: String,
+    pub upload: UploadOptions,
+    pub tpm_v2: bool,
+    pub keep_on_failure: bool,
+    /// How long a new AMI may stay `pending`.
+    pub available_deadline: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// An AMI with this content already existed; nothing was created.
+    Existing {
+        ami_id: String,
+        matched_by: &'static str,
+    },
+    Created {
+        ami_id: String,
+        uploaded: Uploaded,
+    },
+}
+
+impl Outcome {
+    pub fn ami_id(&self) -> &str {
+        match self {
+            Outcome::Existing { ami_id, .. } | Outcome::Created { ami_id, .. } => ami_id,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    #[error("looking for an existing AMI: {0}")]
+    Lookup(AwsError),
+    #[error("{source}{cleanup}")]
+    Upload {
+        source: UploadError,
+        cleanup: String,
+    },
+    #[error("registering the AMI: {source}{cleanup}")]
+    Register {
+        source: RegisterError,
+        cleanup: String,
+    },
+    #[error("tagging {what}: {source}{cleanup}")]
+    Tag {
+        what: String,
+        source: AwsError,
+        cleanup: String,
+    },
+    #[error("AMI {ami_id} did not become available: {reason}{cleanup}")]
+    NotAvailable {
+        ami_id: String,
+        reason: String,
+        cleanup: String,
+    },
+    #[error("an AMI named {name:?} already exists ({ami_id}) with other content; choose another --prefix{cleanup}")]
+    NameTaken {
+        name: String,
+        ami_id: String,
+        cleanup: String,
+    },
+    #[error("interrupted{cleanup}")]
+    Interrupted { cleanup: String },
+}
+
+/// The first available AMI carrying `key=value`.
+async fn find_available<R: ImageRegistry>(
+    registry: &R,
+    key: &str,
+    value: &str,
+) -> Result<Option<AmiRecord>, AwsError> {
+    let mut found = registry.find(&[(key, value)]).await?;
+    found.retain(|a| a.state == "available");
+    found.sort_by(|a, b| b.created.cmp(&a.created));
+    Ok(found.into_iter().next())
+}
+
+pub async fn publish<S: SnapshotStore, R: ImageRegistry>(
+    store: Arc<S>,
+    registry: &R,
+    image: &ImageSource,
+    opts: &PublishOptions,
+    cache: Option<&DigestCache>,
+    progress: &ProgressBar,
+    cancel: &CancellationToken,
+) -> Result<Outcome, PublishError> {
+    validate_prefix(&opts.prefix)?;
+
+    // Content addressing, before reading a byte: the Nix store path, then a remembered digest.
+    if let Some(store_path) = &image.store_path {
+        if let Some(ami) = find_available(registry, TAG_STORE_PATH, store_path)
+            .await
+            .map_err(PublishError::Lookup)?
+        {
+            info!(ami = %ami.id, %store_path, "an AMI of this store path exists; nothing to upload");
+            return Ok(Outcome::Existing {
+                ami_id: ami.id,
+                matched_by: "store path",
+            });
+        }
+    }
+    if let Some(digest) = cache.and_then(|c| c.get(&image.path)) {
+        if let Some(ami) = find_available(registry, TAG_DIGEST, &digest_tag(&digest))
+            .await
+            .map_err(PublishError::Lookup)?
+        {
+            info!(ami = %ami.id, %digest, "an AMI with this content exists; nothing to upload");
+            return Ok(Outcome::Existing {
+                ami_id: ami.id,
+                matched_by: "content digest",
+            });
+        }
+    }
+
+    let mut started = None;
+    let uploaded = match upload(
+        store.clone(),
+        image,
+        &opts.upload,
+        progress,
+        cancel,
+        &mut started,
+    )
+    .await
+    {
+        Ok(u) => u,
+        Err(source) => {
+            let cleanup = clean_up(
+                &*store,
+                registry,
+                None,
+                started.as_deref(),
+                opts.keep_on_failure,
+            )
+            .await;
+            return Err(match source {
+                UploadError::Interrupted => PublishError::Interrupted { cleanup },
+                source => PublishError::Upload { source, cleanup },
+            });
+        }
+    };
+    progress.finish_and_clear();
+    if let Some(c) = cache {
+        c.put(&image.path, &uploaded.digest);
+    }
+    let snapshot_id = uploaded.snapshot_id.clone();
+    info!(%snapshot_id, digest = %uploaded.digest, blocks = uploaded.blocks_uploaded, "snapshot completed");
+
+    // The same content under another path (or a race with another publish).
+    match find_available(registry, TAG_DIGEST, &digest_tag(&uploaded.digest)).await {
+        Ok(Some(ami)) => {
+            let cleanup = clean_up(&*store, registry, None, Some(&snapshot_id), false).await;
+            info!(ami = %ami.id, "an AMI with this content already exists{cleanup}");
+            return Ok(Outcome::Existing {
+                ami_id: ami.id,
+                matched_by: "content digest",
+            });
+        }
+        Ok(None) => {}
+        Err(e) => {
+            let cleanup = clean_up(
+                &*store,
+                registry,
+                None,
+                Some(&snapshot_id),
+                opts.keep_on_failure,
+            )
+            .await;
+            return Err(PublishError::Tag {
+                what: "(lookup)".into(),
+                source: e,
+                cleanup,
+            });
+        }
+    }
+
+    let spec = build_spec(
+        image,
+        &uploaded.digest,
+        &snapshot_id,
+        &opts.prefix,
+        opts.tpm_v2,
+    )?;
+    if let Err(source) = registry
+        .tag(std::slice::from_ref(&snapshot_id), &spec.tags)
+        .await
+    {
+        let cleanup = clean_up(
+            &*store,
+            registry,
+            None,
+            Some(&snapshot_id),
+            opts.keep_on_failure,
+        )
+        .await;
+        return Err(PublishError::Tag {
+            what: snapshot_id,
+            source,
+            cleanup,
+        });
+    }
+    if cancel.is_cancelled() {
+        let cleanup = clean_up(
+            &*store,
+            registry,
+            None,
+            Some(&snapshot_id),
+            opts.keep_on_failure,
+        )
+        .await;
+        return Err(PublishError::Interrupted { cleanup });
+    }
+
+    let ami_id = match registry.register(&spec).await {
+        Ok(id) => id,
+        Err(RegisterError::DuplicateName(name)) => {
+            let existing = registry.find_by_name(&name).await.ok().flatten();
+            let cleanup = clean_up(
+                &*store,
+                registry,
+                None,
+                Some(&snapshot_id),
+                opts.keep_on_failure,
+            )
+            .await;
+            return match existing {
+                Some(ami) if ami.tag(TAG_DIGEST) == Some(digest_tag(&uploaded.digest).as_str()) => {
+                    Ok(Outcome::Existing {
+                        ami_id: ami.id,
+                        matched_by: "content digest",
+                    })
+                }
+                Some(ami) => Err(PublishError::NameTaken {
+                    name,
+                    ami_id: ami.id,
+                    cleanup,
+                }),
+                None => Err(PublishError::Register {
+                    source: RegisterError::DuplicateName(name),
+                    cleanup,
+                }),
+            };
+        }
+        Err(source) => {
+            let cleanup = clean_up(
+                &*store,
+                registry,
+                None,
+                Some(&snapshot_id),
+                opts.keep_on_failure,
+            )
+            .await;
+            return Err(PublishError::Register { source, cleanup });
+        }
+    };
+    info!(%ami_id, name = %spec.name, "registered, waiting until available");
+
+    let waited = tokio::select! {
+        r = wait_available(registry, &ami_id, opts.available_deadline) => r,
+        _ = cancel.cancelled() => Err("interrupted".to_owned()),
+    };
+    if let Err(reason) = waited {
+        let cleanup = clean_up(
+            &*store,
+            registry,
+            Some(&ami_id),
+            Some(&snapshot_id),
+            opts.keep_on_failure,
+        )
+        .await;
+        if cancel.is_cancelled() {
+            return Err(PublishError::Interrupted { cleanup });
+        }
+        return Err(PublishError::NotAvailable {
+            ami_id,
+            reason,
+            cleanup,
+        });
+    }
+    Ok(Outcome::Created { ami_id, uploaded })
+}
+
+async fn wait_available<R: ImageRegistry>(
+    registry: &R,
+    ami_id: &str,
+    deadline: Duration,
+) -> Result<(), String> {
+    let started = Instant::now();
+    let mut delay = Duration::from_secs(2);
+    loop {
+        match registry.get(ami_id).await {
+            Ok(Some(ami)) if ami.state == "available" => return Ok(()),
+            Ok(Some(ami))
+                if matches!(
+                    ami.state.as_str(),
+                    "failed" | "error" | "invalid" | "deregistered"
+                ) =>
+            {
+                return Err(format!("its state is {}", ami.state))
+            }
+            Ok(_) => {}
+            Err(e) => warn!(%ami_id, error = %e, "cannot read the AMI's state, retrying"),
+        }
+        if started.elapsed() + delay > deadline {
+            return Err(format!(
+                "still not available after {} s",
+                started.elapsed().as_secs()
+            ));
+        }
+        tokio::time::sleep(jitter(delay)).await;
+        delay = (delay * 2).min(Duration::from_secs(15));
+    }
+}
+
+/// Deregisters the AMI and deletes the snapshot this run made; says what it did, for the
+/// error message. Never leaves a resource unmentioned.
+async fn clean_up<S: SnapshotStore, R: ImageRegistry>(
+    store: &S,
+    registry: &R,
+    ami_id: Option<&str>,
+    snapshot_id: Option<&str>,
+    keep: bool,
+) -> String {
+    let mut said = Vec::new();
+    if keep {
+        if let Some(a) = ami_id {
+            said.push(format!("kept AMI {a} (--keep-on-failure)"));
+        }
+        if let Some(s) = snapshot_id {
+            said.push(format!("kept snapshot {s} (--keep-on-failure)"));
+        }
+    } else {
+        if let Some(a) = ami_id {
+            match registry.deregister(a).await {
+                Ok(()) => said.push(format!("deregistered AMI {a}")),
+                Err(e) => said.push(format!(
+                    "could not deregister AMI {a} ({e}): run `aws ec2 deregister-image --image-id {a}`"
+                )),
+            }
+        }
+        if let Some(s) = snapshot_id {
+            match store.delete(s).await {
+                Ok(()) => said.push(format!("deleted snapshot {s}")),
+                Err(e) => said.push(format!(
+                    "could not delete snapshot {s} ({e}): run `aws ec2 delete-snapshot --snapshot-id {s}`"
+                )),
+            }
+        }
+    }
+    if said.is_empty() {
+        String::new()
+    } else {
+        format!("; {}", said.join(", "))
+    }
+}
