@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 
 pub mod archive;
+pub mod image;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -23,12 +24,31 @@ pub struct Cli {
 pub enum Command {
     /// Write a deterministic zip of a source tree and print its sha256.
     Archive(archive::Args),
+    /// Publish NixOS images as AMIs.
+    Image(image::Args),
 }
 
 impl Cli {
     pub async fn run(self) -> anyhow::Result<i32> {
         match self.command {
             Command::Archive(args) => archive::run(args).await,
+            Command::Image(args) => image::run(args).await,
         }
     }
+}
+
+/// Cancels `token` on Ctrl-C or SIGTERM, so long operations can clean up after themselves.
+pub fn cancel_on_signal(token: tokio_util::sync::CancellationToken) {
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut term) = signal(SignalKind::terminate()) else {
+            return;
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::warn!("interrupted: stopping and cleaning up");
+        token.cancel();
+    });
 }

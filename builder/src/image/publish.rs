@@ -74,10 +74,49 @@ pub trait ImageRegistry: Send + Sync + 'static {
     fn deregister(&self, ami_id: &str) -> impl Future<Output = Result<(), AwsError>> + Send;
 }
 
+/// How the image's bytes become a completed snapshot: EBS direct APIs, or S3 and
+/// ImportSnapshot. Either way the image's digest is computed in the same pass.
+pub trait Uploader: Send + Sync {
+    /// Uploads; writes the snapshot's id to `started` as soon as it exists, so the caller
+    /// can delete it whatever happens next.
+    fn upload(
+        &self,
+        image: &ImageSource,
+        progress: &ProgressBar,
+        cancel: &CancellationToken,
+        started: &mut Option<String>,
+    ) -> impl Future<Output = Result<Uploaded, UploadError>> + Send;
+}
+
+/// The EBS direct APIs uploader.
+pub struct DirectUpload<S> {
+    pub store: Arc<S>,
+    pub options: UploadOptions,
+}
+
+impl<S: SnapshotStore> Uploader for DirectUpload<S> {
+    async fn upload(
+        &self,
+        image: &ImageSource,
+        progress: &ProgressBar,
+        cancel: &CancellationToken,
+        started: &mut Option<String>,
+    ) -> Result<Uploaded, UploadError> {
+        upload(
+            self.store.clone(),
+            image,
+            &self.options,
+            progress,
+            cancel,
+            started,
+        )
+        .await
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct PublishOptions {
     pub prefix: String,
-    pub upload: UploadOptions,
     pub tpm_v2: bool,
     pub keep_on_failure: bool,
     /// How long a new AMI may stay `pending`.
@@ -86,10 +125,13 @@ pub struct PublishOptions {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    /// An AMI with this content already existed; nothing was created.
+    /// An AMI with this content already existed; nothing was left created. `uploaded`
+    /// says whether the image was uploaded before the match was found (its snapshot was
+    /// then deleted).
     Existing {
         ami_id: String,
         matched_by: &'static str,
+        uploaded: bool,
     },
     Created {
         ami_id: String,
@@ -155,9 +197,10 @@ async fn find_available<R: ImageRegistry>(
     Ok(found.into_iter().next())
 }
 
-pub async fn publish<S: SnapshotStore, R: ImageRegistry>(
+pub async fn publish<S: SnapshotStore, R: ImageRegistry, U: Uploader>(
     store: Arc<S>,
     registry: &R,
+    uploader: &U,
     image: &ImageSource,
     opts: &PublishOptions,
     cache: Option<&DigestCache>,
@@ -176,6 +219,7 @@ pub async fn publish<S: SnapshotStore, R: ImageRegistry>(
             return Ok(Outcome::Existing {
                 ami_id: ami.id,
                 matched_by: "store path",
+                uploaded: false,
             });
         }
     }
@@ -188,21 +232,13 @@ pub async fn publish<S: SnapshotStore, R: ImageRegistry>(
             return Ok(Outcome::Existing {
                 ami_id: ami.id,
                 matched_by: "content digest",
+                uploaded: false,
             });
         }
     }
 
     let mut started = None;
-    let uploaded = match upload(
-        store.clone(),
-        image,
-        &opts.upload,
-        progress,
-        cancel,
-        &mut started,
-    )
-    .await
-    {
+    let uploaded = match uploader.upload(image, progress, cancel, &mut started).await {
         Ok(u) => u,
         Err(source) => {
             let cleanup = clean_up(
@@ -234,6 +270,7 @@ pub async fn publish<S: SnapshotStore, R: ImageRegistry>(
             return Ok(Outcome::Existing {
                 ami_id: ami.id,
                 matched_by: "content digest",
+                uploaded: true,
             });
         }
         Ok(None) => {}
@@ -308,6 +345,7 @@ pub async fn publish<S: SnapshotStore, R: ImageRegistry>(
                     Ok(Outcome::Existing {
                         ami_id: ami.id,
                         matched_by: "content digest",
+                        uploaded: true,
                     })
                 }
                 Some(ami) => Err(PublishError::NameTaken {
@@ -334,6 +372,27 @@ pub async fn publish<S: SnapshotStore, R: ImageRegistry>(
         }
     };
     info!(%ami_id, name = %spec.name, "registered, waiting until available");
+    // RegisterImage's TagSpecifications tag the AMI atomically on AWS; tagging again is
+    // idempotent there and covers EC2-compatible endpoints that ignore TagSpecifications,
+    // without which the content lookups above could never find this AMI.
+    if let Err(source) = registry
+        .tag(std::slice::from_ref(&ami_id), &spec.tags)
+        .await
+    {
+        let cleanup = clean_up(
+            &*store,
+            registry,
+            Some(&ami_id),
+            Some(&snapshot_id),
+            opts.keep_on_failure,
+        )
+        .await;
+        return Err(PublishError::Tag {
+            what: ami_id,
+            source,
+            cleanup,
+        });
+    }
 
     let waited = tokio::select! {
         r = wait_available(registry, &ami_id, opts.available_deadline) => r,

@@ -14,6 +14,7 @@ pub const TAG_STORE_PATH: &str = "amictl:store-path";
 pub const TAG_PREFIX: &str = "amictl:prefix";
 pub const TAG_MANAGED_BY: &str = "amictl:managed-by";
 pub const TAG_LABEL: &str = "amictl:label";
+pub const TAG_SNAPSHOT: &str = "amictl:snapshot-id";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RegisterSpec {
@@ -104,6 +105,9 @@ pub fn build_spec(
         });
     }
     let name = ami_name(prefix, &image.label, image.arch, digest);
+    let mut tags = tags(image, digest, prefix, &name);
+    // Lets `image gc` find the snapshot even where the block device mapping is not reported.
+    tags.push((TAG_SNAPSHOT.to_owned(), snapshot_id.to_owned()));
     let mut description = format!(
         "{} {} ({})",
         image.label,
@@ -113,7 +117,7 @@ pub fn build_spec(
     // RegisterImage descriptions are at most 255 characters.
     description.truncate(255);
     Ok(RegisterSpec {
-        tags: tags(image, digest, prefix, &name),
+        tags,
         name,
         description,
         arch: image.arch,
