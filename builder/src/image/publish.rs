@@ -197,16 +197,29 @@ async fn find_available<R: ImageRegistry>(
     Ok(found.into_iter().next())
 }
 
+/// The effects `publish` works through.
+pub struct Services<'a, S, R, U> {
+    /// Deletes snapshots this run made, when it must clean up.
+    pub store: Arc<S>,
+    pub registry: &'a R,
+    pub uploader: &'a U,
+    pub cache: Option<&'a DigestCache>,
+}
+
 pub async fn publish<S: SnapshotStore, R: ImageRegistry, U: Uploader>(
-    store: Arc<S>,
-    registry: &R,
-    uploader: &U,
+    services: &Services<'_, S, R, U>,
     image: &ImageSource,
     opts: &PublishOptions,
-    cache: Option<&DigestCache>,
     progress: &ProgressBar,
     cancel: &CancellationToken,
 ) -> Result<Outcome, PublishError> {
+    let Services {
+        store,
+        registry,
+        uploader,
+        cache,
+    } = services;
+    let (store, registry, uploader, cache) = (&**store, *registry, *uploader, *cache);
     validate_prefix(&opts.prefix)?;
 
     // Content addressing, before reading a byte: the Nix store path, then a remembered digest.
@@ -242,7 +255,7 @@ pub async fn publish<S: SnapshotStore, R: ImageRegistry, U: Uploader>(
         Ok(u) => u,
         Err(source) => {
             let cleanup = clean_up(
-                &*store,
+                store,
                 registry,
                 None,
                 started.as_deref(),
@@ -265,7 +278,7 @@ pub async fn publish<S: SnapshotStore, R: ImageRegistry, U: Uploader>(
     // The same content under another path (or a race with another publish).
     match find_available(registry, TAG_DIGEST, &digest_tag(&uploaded.digest)).await {
         Ok(Some(ami)) => {
-            let cleanup = clean_up(&*store, registry, None, Some(&snapshot_id), false).await;
+            let cleanup = clean_up(store, registry, None, Some(&snapshot_id), false).await;
             info!(ami = %ami.id, "an AMI with this content already exists{cleanup}");
             return Ok(Outcome::Existing {
                 ami_id: ami.id,
@@ -276,7 +289,7 @@ pub async fn publish<S: SnapshotStore, R: ImageRegistry, U: Uploader>(
         Ok(None) => {}
         Err(e) => {
             let cleanup = clean_up(
-                &*store,
+                store,
                 registry,
                 None,
                 Some(&snapshot_id),
@@ -303,7 +316,7 @@ pub async fn publish<S: SnapshotStore, R: ImageRegistry, U: Uploader>(
         .await
     {
         let cleanup = clean_up(
-            &*store,
+            store,
             registry,
             None,
             Some(&snapshot_id),
@@ -318,7 +331,7 @@ pub async fn publish<S: SnapshotStore, R: ImageRegistry, U: Uploader>(
     }
     if cancel.is_cancelled() {
         let cleanup = clean_up(
-            &*store,
+            store,
             registry,
             None,
             Some(&snapshot_id),
@@ -333,7 +346,7 @@ pub async fn publish<S: SnapshotStore, R: ImageRegistry, U: Uploader>(
         Err(RegisterError::DuplicateName(name)) => {
             let existing = registry.find_by_name(&name).await.ok().flatten();
             let cleanup = clean_up(
-                &*store,
+                store,
                 registry,
                 None,
                 Some(&snapshot_id),
@@ -361,7 +374,7 @@ pub async fn publish<S: SnapshotStore, R: ImageRegistry, U: Uploader>(
         }
         Err(source) => {
             let cleanup = clean_up(
-                &*store,
+                store,
                 registry,
                 None,
                 Some(&snapshot_id),
@@ -380,7 +393,7 @@ pub async fn publish<S: SnapshotStore, R: ImageRegistry, U: Uploader>(
         .await
     {
         let cleanup = clean_up(
-            &*store,
+            store,
             registry,
             Some(&ami_id),
             Some(&snapshot_id),
@@ -400,7 +413,7 @@ pub async fn publish<S: SnapshotStore, R: ImageRegistry, U: Uploader>(
     };
     if let Err(reason) = waited {
         let cleanup = clean_up(
-            &*store,
+            store,
             registry,
             Some(&ami_id),
             Some(&snapshot_id),

@@ -14,7 +14,9 @@ use tracing::info;
 use crate::image::aws::AwsImages;
 use crate::image::cache::DigestCache;
 use crate::image::info::{Arch, BootMode, ImageSource};
-use crate::image::publish::{publish, DirectUpload, Outcome, PublishError, PublishOptions};
+use crate::image::publish::{
+    publish, DirectUpload, Outcome, PublishError, PublishOptions, Services,
+};
 use crate::image::upload::UploadOptions;
 
 #[derive(Debug, clap::Args)]
@@ -116,17 +118,13 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
     let cache = (!args.no_cache)
         .then(DigestCache::default_location)
         .flatten();
-    let outcome = publish(
-        Arc::new(aws.clone()),
-        &aws,
-        &uploader,
-        &image,
-        &opts,
-        cache.as_ref(),
-        &progress,
-        &cancel,
-    )
-    .await;
+    let services = Services {
+        store: Arc::new(aws.clone()),
+        registry: &aws,
+        uploader: &uploader,
+        cache: cache.as_ref(),
+    };
+    let outcome = publish(&services, &image, &opts, &progress, &cancel).await;
     progress.finish_and_clear();
     match outcome {
         Ok(Outcome::Existing {
