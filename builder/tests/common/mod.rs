@@ -1,0 +1,4 @@
+//! Shared fixtures for the builder's integration tests.
+#![allow(dead_code)]
+
+pub mod moto;

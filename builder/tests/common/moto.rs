@@ -1,0 +1,115 @@
+//! A moto server on a free loopback port, for tests that drive the real AWS SDK clients.
+//!
+//! Without `moto_server` on PATH the tests that need it skip themselves (the Nix sandbox
+//! has none), unless `AMICTL_REQUIRE_MOTO=1`, which CI sets so a missing moto fails loudly.
+
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Moto {
+    child: Child,
+    pub endpoint: String,
+    /// An empty XDG cache for the amictl processes of this test.
+    pub cache: tempfile::TempDir,
+}
+
+impl Moto {
+    /// Starts moto, or returns None when the test should be skipped.
+    pub fn start() -> Option<Moto> {
+        let available = Command::new("moto_server")
+            .arg("--help")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !available {
+            if std::env::var_os("AMICTL_REQUIRE_MOTO").is_some_and(|v| v == "1") {
+                panic!("moto_server is not installed (pip install 'moto[server]') and AMICTL_REQUIRE_MOTO=1");
+            }
+            eprintln!("skipped: moto_server is not installed (pip install 'moto[server]')");
+            return None;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("moto_server")
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start moto_server");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "moto_server did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Some(Moto {
+            child,
+            endpoint: format!("http://127.0.0.1:{port}"),
+            cache: tempfile::tempdir().unwrap(),
+        })
+    }
+
+    /// The environment an amictl process (or an SDK client) needs to reach this moto.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ENDPOINT_URL", self.endpoint.clone()),
+            ("AWS_ACCESS_KEY_ID", "testing".into()),
+            ("AWS_SECRET_ACCESS_KEY", "testing".into()),
+            ("AWS_REGION", "us-east-1".into()),
+            ("AWS_CONFIG_FILE", "/dev/null".into()),
+            ("AWS_SHARED_CREDENTIALS_FILE", "/dev/null".into()),
+            ("XDG_CACHE_HOME", self.cache.path().display().to_string()),
+        ]
+    }
+
+    /// The amictl binary, pointed at this moto.
+    pub fn amictl(&self) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_amictl"));
+        cmd.envs(self.env()).env("AMICTL_LOG", "info");
+        cmd
+    }
+
+    /// SDK configuration for checking what amictl did.
+    pub async fn sdk_config(&self) -> aws_config::SdkConfig {
+        aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .endpoint_url(&self.endpoint)
+            .region(aws_config::Region::new("us-east-1"))
+            .credentials_provider(aws_credential_types::Credentials::new(
+                "testing", "testing", None, None, "moto",
+            ))
+            .load()
+            .await
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A sparse raw image: `size` bytes, pseudo-random data at the given (offset, len) spans,
+/// holes elsewhere.
+pub fn sparse_image(path: &Path, size: u64, spans: &[(u64, usize)]) {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::File::create(path).unwrap();
+    file.set_len(size).unwrap();
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    for &(offset, len) in spans {
+        let data: Vec<u8> = (0..len)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                (seed >> 24) as u8
+            })
+            .collect();
+        file.write_all_at(&data, offset).unwrap();
+    }
+}

@@ -1,0 +1,274 @@
+//! `amictl image publish` end to end against moto, through the real SDK clients.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::FileExt;
+
+use common::moto::{sparse_image, Moto};
+
+const BLOCK: u64 = 524_288;
+
+fn publish(moto: &Moto, image: &std::path::Path, extra: &[&str]) -> (i32, String, String) {
+    let out = moto
+        .amictl()
+        .args(["image", "publish", "--image"])
+        .arg(image)
+        .args([
+            "--boot-mode",
+            "uefi",
+            "--arch",
+            "x86_64",
+            "--prefix",
+            "test-",
+        ])
+        .args(extra)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// ListSnapshotBlocks over plain HTTP: moto answers BlockIndex as a JSON string, which
+/// the SDK's strict deserializer refuses (AWS answers a number).
+async fn list_snapshot_blocks(moto: &Moto, snapshot_id: &str) -> Vec<(i32, String)> {
+    let url = format!("{}/snapshots/{snapshot_id}/blocks", moto.endpoint);
+    let body: serde_json::Value = reqwest::Client::new()
+        .get(url)
+        .header(
+            "Authorization",
+            "AWS4-HMAC-SHA256 Credential=testing/20260101/us-east-1/ebs/aws4_request",
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    body["Blocks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            let index = match &b["BlockIndex"] {
+                serde_json::Value::String(s) => s.parse().unwrap(),
+                v => v.as_i64().unwrap() as i32,
+            };
+            (
+                index,
+                b["BlockToken"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
+
+async fn own_snapshots(ec2: &aws_sdk_ec2::Client) -> Vec<aws_sdk_ec2::types::Snapshot> {
+    ec2.describe_snapshots()
+        .owner_ids("self")
+        .send()
+        .await
+        .unwrap()
+        .snapshots()
+        .to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn publishes_a_sparse_image_block_for_block_and_only_once() {
+    let Some(moto) = Moto::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.raw");
+    // 40 MiB with data in three places (one across a block boundary, one in the last,
+    // short block), holes elsewhere, and a written all-zero block that must be skipped.
+    let size = 80 * BLOCK + 1000;
+    sparse_image(
+        &image,
+        size,
+        &[(4096, 10_000), (7 * BLOCK - 100, 300), (80 * BLOCK, 1000)],
+    );
+    std::fs::File::options()
+        .write(true)
+        .open(&image)
+        .unwrap()
+        .write_all_at(&vec![0u8; BLOCK as usize], 20 * BLOCK)
+        .unwrap();
+
+    let (code, stdout, stderr) = publish(&moto, &image, &[]);
+    assert_eq!(code, 0, "{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "stdout must hold only the AMI id: {stdout:?}"
+    );
+    let ami_id = lines[0].to_owned();
+    assert!(ami_id.starts_with("ami-"), "{stdout}");
+
+    let config = moto.sdk_config().await;
+    let ec2 = aws_sdk_ec2::Client::new(&config);
+    let ebs = aws_sdk_ebs::Client::new(&config);
+    let images = ec2
+        .describe_images()
+        .image_ids(&ami_id)
+        .send()
+        .await
+        .unwrap();
+    let ami = &images.images()[0];
+    let tags: BTreeMap<_, _> = ami
+        .tags()
+        .iter()
+        .map(|t| (t.key().unwrap().to_owned(), t.value().unwrap().to_owned()))
+        .collect();
+    let digest = amictl::image::digest::digest_file(&image).unwrap();
+    assert_eq!(
+        tags["amictl:image-digest"],
+        format!("sha256-blocks-512k:{digest}")
+    );
+    assert_eq!(tags["amictl:managed-by"], "amictl");
+    assert!(ami.name().unwrap().starts_with("test-nixos-x86_64-linux-"));
+    assert!(ami.name().unwrap().ends_with(&digest[..12]));
+    let snapshot_id = tags["amictl:snapshot-id"].clone();
+
+    // Every block the snapshot holds equals the file's block; the rest of the file is zeros.
+    let listed = list_snapshot_blocks(&moto, &snapshot_id).await;
+    let indices: Vec<i32> = listed.iter().map(|(i, _)| *i).collect();
+    assert_eq!(
+        indices
+            .iter()
+            .copied()
+            .collect::<std::collections::BTreeSet<_>>(),
+        [0, 6, 7, 80].into()
+    );
+    let file = std::fs::File::open(&image).unwrap();
+    for index in 0..=80u64 {
+        let mut expected = vec![0u8; BLOCK as usize];
+        let len = (size - index * BLOCK).min(BLOCK) as usize;
+        file.read_exact_at(&mut expected[..len], index * BLOCK)
+            .unwrap();
+        if indices.contains(&(index as i32)) {
+            let token = &listed.iter().find(|(i, _)| *i == index as i32).unwrap().1;
+            let got = ebs
+                .get_snapshot_block()
+                .snapshot_id(&snapshot_id)
+                .block_index(index as i32)
+                .block_token(token)
+                .send()
+                .await
+                .unwrap();
+            let data = got.block_data.collect().await.unwrap().into_bytes();
+            assert_eq!(data.len(), BLOCK as usize, "block {index}");
+            assert!(data == expected, "block {index} differs");
+        } else {
+            assert!(
+                expected.iter().all(|&b| b == 0),
+                "block {index} has data but was not uploaded"
+            );
+        }
+    }
+    let snapshots_after_first = own_snapshots(&ec2).await.len();
+
+    // Again: the same AMI, nothing uploaded (the digest is remembered), nothing created.
+    let (code, stdout, stderr) = publish(&moto, &image, &[]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(stdout.trim(), ami_id);
+    assert!(stderr.contains("nothing uploaded"), "{stderr}");
+    assert_eq!(own_snapshots(&ec2).await.len(), snapshots_after_first);
+
+    // Without the local memory it uploads, finds the twin by digest, and deletes its copy.
+    let (code, stdout, stderr) = publish(&moto, &image, &["--no-cache"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(stdout.trim(), ami_id);
+    assert_eq!(own_snapshots(&ec2).await.len(), snapshots_after_first);
+
+    // A different image never reuses the old AMI.
+    std::fs::File::options()
+        .write(true)
+        .open(&image)
+        .unwrap()
+        .write_all_at(b"changed", 30 * BLOCK)
+        .unwrap();
+    let (code, stdout, stderr) = publish(&moto, &image, &[]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_ne!(stdout.trim(), ami_id);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_input_creates_nothing() {
+    let Some(moto) = Moto::start() else { return };
+    let config = moto.sdk_config().await;
+    let ec2 = aws_sdk_ec2::Client::new(&config);
+    let snapshots_before = own_snapshots(&ec2).await.len();
+    let images_before = ec2
+        .describe_images()
+        .owners("self")
+        .send()
+        .await
+        .unwrap()
+        .images()
+        .len();
+    let dir = tempfile::tempdir().unwrap();
+    let qcow = dir.path().join("disk.qcow2");
+    std::fs::write(&qcow, b"QFI\xfb\0\0\0\x03 rest of a qcow2 header").unwrap();
+    let (code, _, stderr) = publish(&moto, &qcow, &[]);
+    assert_ne!(code, 0);
+    assert!(stderr.contains("amazonImage.format = \"raw\""), "{stderr}");
+
+    let out = moto
+        .amictl()
+        .args(["image", "publish"])
+        .arg(dir.path().join("result"))
+        .output()
+        .unwrap();
+    assert_ne!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"));
+
+    let result = dir.path().join("res");
+    std::fs::create_dir_all(result.join("nix-support")).unwrap();
+    std::fs::write(
+        result.join("nix-support/image-info.json"),
+        r#"{"boot_mode":"uefi","system":"x86_64-linux","disks":{"boot":{"file":"/b"}}}"#,
+    )
+    .unwrap();
+    let out = moto
+        .amictl()
+        .args(["image", "publish"])
+        .arg(&result)
+        .output()
+        .unwrap();
+    assert_ne!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no root disk"));
+
+    // No credentials: the standard chain is named, nothing is created.
+    let raw = dir.path().join("disk.raw");
+    sparse_image(&raw, 4 * BLOCK, &[(0, 100)]);
+    let out = moto
+        .amictl()
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .args(["image", "publish", "--image"])
+        .arg(&raw)
+        .args(["--boot-mode", "uefi", "--arch", "x86_64"])
+        .output()
+        .unwrap();
+    assert_ne!(out.status.code(), Some(0));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no AWS credentials") && err.contains("standard chain"),
+        "{err}"
+    );
+
+    assert_eq!(own_snapshots(&ec2).await.len(), snapshots_before);
+    assert_eq!(
+        ec2.describe_images()
+            .owners("self")
+            .send()
+            .await
+            .unwrap()
+            .images()
+            .len(),
+        images_before
+    );
+}
