@@ -1,5 +1,5 @@
 //! The health verdict, pure: what was observed goes in, an exit code and one summary line
-//! come out. The fetching lives in `cmd/check.rs`.
+//! come out. The fetching lives in `probe.rs`.
 
 use serde::Serialize;
 

@@ -11,5 +11,6 @@ pub mod http;
 pub mod manifest;
 pub mod metrics;
 pub mod notify;
+pub mod probe;
 pub mod site;
 pub mod state;

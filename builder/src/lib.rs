@@ -6,4 +6,7 @@
 pub mod archive;
 pub mod aws;
 pub mod cmd;
+pub mod fleet;
 pub mod image;
+pub mod rollout;
+pub mod ssm;

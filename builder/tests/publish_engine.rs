@@ -11,7 +11,8 @@ use amictl::aws::AwsError;
 use amictl::image::digest::digest_file;
 use amictl::image::info::{Arch, BootMode, ImageSource};
 use amictl::image::publish::{
-    publish, AmiRecord, DirectUpload, ImageRegistry, Outcome, PublishError, PublishOptions, RegisterError, Services,
+    publish, AmiRecord, DirectUpload, ImageRegistry, Outcome, PublishError, PublishOptions,
+    RegisterError, Services,
 };
 use amictl::image::register::RegisterSpec;
 use amictl::image::upload::{SnapshotState, SnapshotStore, StartSpec, UploadOptions};
@@ -68,11 +69,24 @@ impl SnapshotStore for Fake {
         let mut c = self.cloud.lock().unwrap();
         c.next += 1;
         let id = format!("snap-{}", c.next);
-        c.snapshots.insert(id.clone(), Snap { blocks: BTreeMap::new(), completed: false, encrypted: spec.encrypted });
+        c.snapshots.insert(
+            id.clone(),
+            Snap {
+                blocks: BTreeMap::new(),
+                completed: false,
+                encrypted: spec.encrypted,
+            },
+        );
         Ok(id)
     }
 
-    async fn put_block(&self, id: &str, index: i32, data: Bytes, checksum: String) -> Result<(), AwsError> {
+    async fn put_block(
+        &self,
+        id: &str,
+        index: i32,
+        data: Bytes,
+        checksum: String,
+    ) -> Result<(), AwsError> {
         tokio::task::yield_now().await;
         let n = {
             let mut c = self.cloud.lock().unwrap();
@@ -89,7 +103,10 @@ impl SnapshotStore for Fake {
             return Err(AwsError::NotFound(format!("snapshot {id} not found")));
         }
         if faults.fail_puts_after.is_some_and(|after| n > after) {
-            return Err(AwsError::Other { action: "ebs:PutSnapshotBlock", message: "connection refused".into() });
+            return Err(AwsError::Other {
+                action: "ebs:PutSnapshotBlock",
+                message: "connection refused".into(),
+            });
         }
         use base64::Engine;
         use sha2::Digest;
@@ -97,7 +114,10 @@ impl SnapshotStore for Fake {
         let sum = base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(&data));
         assert_eq!(sum, checksum, "checksum of block {index}");
         let mut c = self.cloud.lock().unwrap();
-        let snap = c.snapshots.get_mut(id).ok_or_else(|| AwsError::NotFound(id.into()))?;
+        let snap = c
+            .snapshots
+            .get_mut(id)
+            .ok_or_else(|| AwsError::NotFound(id.into()))?;
         assert!(!snap.completed, "put after completion");
         snap.blocks.insert(index, data);
         Ok(())
@@ -129,17 +149,31 @@ impl SnapshotStore for Fake {
 impl ImageRegistry for Fake {
     async fn find(&self, tags: &[(&str, &str)]) -> Result<Vec<AmiRecord>, AwsError> {
         let c = self.cloud.lock().unwrap();
-        Ok(c.amis.values().filter(|a| tags.iter().all(|(k, v)| a.tag(k) == Some(*v))).cloned().collect())
+        Ok(c.amis
+            .values()
+            .filter(|a| tags.iter().all(|(k, v)| a.tag(k) == Some(*v)))
+            .cloned()
+            .collect())
     }
     async fn find_by_name(&self, name: &str) -> Result<Option<AmiRecord>, AwsError> {
-        Ok(self.cloud.lock().unwrap().amis.values().find(|a| a.name == name).cloned())
+        Ok(self
+            .cloud
+            .lock()
+            .unwrap()
+            .amis
+            .values()
+            .find(|a| a.name == name)
+            .cloned())
     }
     async fn get(&self, id: &str) -> Result<Option<AmiRecord>, AwsError> {
         Ok(self.cloud.lock().unwrap().amis.get(id).cloned())
     }
     async fn register(&self, spec: &RegisterSpec) -> Result<String, RegisterError> {
         if self.faults.lock().unwrap().register_fails {
-            return Err(RegisterError::Aws(AwsError::Denied { action: "ec2:RegisterImage", message: "not allowed".into() }));
+            return Err(RegisterError::Aws(AwsError::Denied {
+                action: "ec2:RegisterImage",
+                message: "not allowed".into(),
+            }));
         }
         let never = self.faults.lock().unwrap().never_available;
         let mut c = self.cloud.lock().unwrap();
@@ -154,7 +188,11 @@ impl ImageRegistry for Fake {
             AmiRecord {
                 id: id.clone(),
                 name: spec.name.clone(),
-                state: if never { "pending".into() } else { "available".into() },
+                state: if never {
+                    "pending".into()
+                } else {
+                    "available".into()
+                },
                 tags: Vec::new(),
                 snapshot_ids: vec![spec.snapshot_id.clone()],
                 created,
@@ -197,18 +235,41 @@ fn upload_options(encrypted: bool) -> UploadOptions {
     }
 }
 
-async fn run(fake: &Fake, image: &ImageSource, upload: UploadOptions, opts: PublishOptions, cancel: &CancellationToken) -> Result<Outcome, PublishError> {
-    let uploader = DirectUpload { store: Arc::new(fake.clone()), options: upload };
-    let services = Services { store: Arc::new(fake.clone()), registry: fake, uploader: &uploader, cache: None };
+async fn run(
+    fake: &Fake,
+    image: &ImageSource,
+    upload: UploadOptions,
+    opts: PublishOptions,
+    cancel: &CancellationToken,
+) -> Result<Outcome, PublishError> {
+    let uploader = DirectUpload {
+        store: Arc::new(fake.clone()),
+        options: upload,
+    };
+    let services = Services {
+        store: Arc::new(fake.clone()),
+        registry: fake,
+        uploader: &uploader,
+        cache: None,
+    };
     publish(&services, image, &opts, &ProgressBar::hidden(), cancel).await
 }
 
 /// 12 blocks + 7 bytes: data in blocks 0, 3-4 and the short last block; 8 is written zeros.
 fn image(dir: &std::path::Path) -> ImageSource {
     let path = dir.join("disk.raw");
-    sparse_image(&path, 12 * BLOCK + 7, &[(10, 100), (4 * BLOCK - 5, 10), (12 * BLOCK, 7)]);
+    sparse_image(
+        &path,
+        12 * BLOCK + 7,
+        &[(10, 100), (4 * BLOCK - 5, 10), (12 * BLOCK, 7)],
+    );
     use std::os::unix::fs::FileExt;
-    std::fs::File::options().write(true).open(&path).unwrap().write_all_at(&vec![0u8; BLOCK as usize], 8 * BLOCK).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .write_all_at(&vec![0u8; BLOCK as usize], 8 * BLOCK)
+        .unwrap();
     ImageSource::from_file(&path, BootMode::Uefi, Arch::X86_64, "l".into(), None).unwrap()
 }
 
@@ -216,18 +277,37 @@ fn image(dir: &std::path::Path) -> ImageSource {
 async fn uploads_data_blocks_only_and_rides_out_not_found() {
     let dir = tempfile::tempdir().unwrap();
     let img = image(dir.path());
-    let fake = Fake::with(Faults { not_found_puts: 3, ..Default::default() });
-    let outcome = run(&fake, &img, upload_options(false), options(), &CancellationToken::new()).await.unwrap();
-    let Outcome::Created { ami_id, uploaded } = outcome else { panic!("{outcome:?}") };
+    let fake = Fake::with(Faults {
+        not_found_puts: 3,
+        ..Default::default()
+    });
+    let outcome = run(
+        &fake,
+        &img,
+        upload_options(false),
+        options(),
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    let Outcome::Created { ami_id, uploaded } = outcome else {
+        panic!("{outcome:?}")
+    };
     assert_eq!(uploaded.digest, digest_file(&img.path).unwrap());
     assert_eq!((uploaded.blocks_total, uploaded.blocks_uploaded), (13, 4));
     let c = fake.cloud.lock().unwrap();
     let snap = &c.snapshots[&uploaded.snapshot_id];
-    assert_eq!(snap.blocks.keys().copied().collect::<Vec<_>>(), [0, 3, 4, 12]);
+    assert_eq!(
+        snap.blocks.keys().copied().collect::<Vec<_>>(),
+        [0, 3, 4, 12]
+    );
     // The short last block is padded with zeros.
     assert_eq!(&snap.blocks[&12][7..], &vec![0u8; BLOCK as usize - 7][..]);
     assert!(!snap.encrypted);
-    assert!(c.amis[&ami_id].tag("amictl:image-digest").unwrap().ends_with(&uploaded.digest));
+    assert!(c.amis[&ami_id]
+        .tag("amictl:image-digest")
+        .unwrap()
+        .ends_with(&uploaded.digest));
 }
 
 #[tokio::test]
@@ -235,8 +315,18 @@ async fn encrypted_snapshots_get_every_block_zeros_included() {
     let dir = tempfile::tempdir().unwrap();
     let img = image(dir.path());
     let fake = Fake::default();
-    let outcome = run(&fake, &img, upload_options(true), options(), &CancellationToken::new()).await.unwrap();
-    let Outcome::Created { uploaded, .. } = outcome else { panic!() };
+    let outcome = run(
+        &fake,
+        &img,
+        upload_options(true),
+        options(),
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    let Outcome::Created { uploaded, .. } = outcome else {
+        panic!()
+    };
     assert_eq!(uploaded.blocks_uploaded, 13);
     // Encryption changes what is uploaded, never the content address.
     assert_eq!(uploaded.digest, digest_file(&img.path).unwrap());
@@ -250,8 +340,24 @@ async fn same_content_twice_gives_the_same_ami_and_leaves_no_extra_snapshot() {
     let dir = tempfile::tempdir().unwrap();
     let img = image(dir.path());
     let fake = Fake::default();
-    let first = run(&fake, &img, upload_options(false), options(), &CancellationToken::new()).await.unwrap();
-    let second = run(&fake, &img, upload_options(false), options(), &CancellationToken::new()).await.unwrap();
+    let first = run(
+        &fake,
+        &img,
+        upload_options(false),
+        options(),
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    let second = run(
+        &fake,
+        &img,
+        upload_options(false),
+        options(),
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
     assert_eq!(first.ami_id(), second.ami_id());
     assert!(matches!(second, Outcome::Existing { uploaded: true, .. }));
     let c = fake.cloud.lock().unwrap();
@@ -260,18 +366,40 @@ async fn same_content_twice_gives_the_same_ami_and_leaves_no_extra_snapshot() {
 
 async fn assert_nothing_left(fake: &Fake) {
     let c = fake.cloud.lock().unwrap();
-    assert!(c.snapshots.is_empty(), "snapshots left: {:?}", c.snapshots.keys().collect::<Vec<_>>());
-    assert!(c.amis.is_empty(), "AMIs left: {:?}", c.amis.keys().collect::<Vec<_>>());
+    assert!(
+        c.snapshots.is_empty(),
+        "snapshots left: {:?}",
+        c.snapshots.keys().collect::<Vec<_>>()
+    );
+    assert!(
+        c.amis.is_empty(),
+        "AMIs left: {:?}",
+        c.amis.keys().collect::<Vec<_>>()
+    );
 }
 
 #[tokio::test]
 async fn a_failing_upload_deletes_the_partial_snapshot() {
     let dir = tempfile::tempdir().unwrap();
     let img = image(dir.path());
-    let fake = Fake::with(Faults { fail_puts_after: Some(2), ..Default::default() });
-    let err = run(&fake, &img, upload_options(false), options(), &CancellationToken::new()).await.unwrap_err();
+    let fake = Fake::with(Faults {
+        fail_puts_after: Some(2),
+        ..Default::default()
+    });
+    let err = run(
+        &fake,
+        &img,
+        upload_options(false),
+        options(),
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap_err();
     let text = err.to_string();
-    assert!(text.contains("connection refused") && text.contains("deleted snapshot snap-1"), "{text}");
+    assert!(
+        text.contains("connection refused") && text.contains("deleted snapshot snap-1"),
+        "{text}"
+    );
     assert_nothing_left(&fake).await;
 }
 
@@ -279,9 +407,23 @@ async fn a_failing_upload_deletes_the_partial_snapshot() {
 async fn keep_on_failure_keeps_it_and_says_so() {
     let dir = tempfile::tempdir().unwrap();
     let img = image(dir.path());
-    let fake = Fake::with(Faults { fail_puts_after: Some(1), ..Default::default() });
-    let opts = PublishOptions { keep_on_failure: true, ..options() };
-    let err = run(&fake, &img, upload_options(false), opts, &CancellationToken::new()).await.unwrap_err();
+    let fake = Fake::with(Faults {
+        fail_puts_after: Some(1),
+        ..Default::default()
+    });
+    let opts = PublishOptions {
+        keep_on_failure: true,
+        ..options()
+    };
+    let err = run(
+        &fake,
+        &img,
+        upload_options(false),
+        opts,
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap_err();
     assert!(err.to_string().contains("kept snapshot snap-1"), "{err}");
     assert_eq!(fake.cloud.lock().unwrap().snapshots.len(), 1);
 }
@@ -291,8 +433,13 @@ async fn ctrl_c_mid_upload_cleans_up() {
     let dir = tempfile::tempdir().unwrap();
     let img = image(dir.path());
     let cancel = CancellationToken::new();
-    let fake = Fake::with(Faults { cancel_at_put: Some((2, cancel.clone())), ..Default::default() });
-    let err = run(&fake, &img, upload_options(false), options(), &cancel).await.unwrap_err();
+    let fake = Fake::with(Faults {
+        cancel_at_put: Some((2, cancel.clone())),
+        ..Default::default()
+    });
+    let err = run(&fake, &img, upload_options(false), options(), &cancel)
+        .await
+        .unwrap_err();
     assert!(matches!(err, PublishError::Interrupted { .. }), "{err}");
     assert_nothing_left(&fake).await;
 }
@@ -301,8 +448,19 @@ async fn ctrl_c_mid_upload_cleans_up() {
 async fn a_failed_registration_deletes_the_snapshot() {
     let dir = tempfile::tempdir().unwrap();
     let img = image(dir.path());
-    let fake = Fake::with(Faults { register_fails: true, ..Default::default() });
-    let err = run(&fake, &img, upload_options(false), options(), &CancellationToken::new()).await.unwrap_err();
+    let fake = Fake::with(Faults {
+        register_fails: true,
+        ..Default::default()
+    });
+    let err = run(
+        &fake,
+        &img,
+        upload_options(false),
+        options(),
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap_err();
     assert!(err.to_string().contains("ec2:RegisterImage"), "{err}");
     assert_nothing_left(&fake).await;
 }
@@ -311,10 +469,24 @@ async fn a_failed_registration_deletes_the_snapshot() {
 async fn an_ami_that_never_becomes_available_is_rolled_back() {
     let dir = tempfile::tempdir().unwrap();
     let img = image(dir.path());
-    let fake = Fake::with(Faults { never_available: true, ..Default::default() });
-    let err = run(&fake, &img, upload_options(false), options(), &CancellationToken::new()).await.unwrap_err();
+    let fake = Fake::with(Faults {
+        never_available: true,
+        ..Default::default()
+    });
+    let err = run(
+        &fake,
+        &img,
+        upload_options(false),
+        options(),
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap_err();
     let text = err.to_string();
-    assert!(text.contains("did not become available") && text.contains("deregistered AMI"), "{text}");
+    assert!(
+        text.contains("did not become available") && text.contains("deregistered AMI"),
+        "{text}"
+    );
     assert_nothing_left(&fake).await;
 }
 
@@ -323,15 +495,38 @@ async fn a_name_taken_by_other_content_is_refused_without_leftovers() {
     let dir = tempfile::tempdir().unwrap();
     let img = image(dir.path());
     let fake = Fake::default();
-    run(&fake, &img, upload_options(false), options(), &CancellationToken::new()).await.unwrap();
+    run(
+        &fake,
+        &img,
+        upload_options(false),
+        options(),
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
     // Someone else's AMI with our name but another digest.
     {
         let mut c = fake.cloud.lock().unwrap();
         let ami = c.amis.values_mut().next().unwrap();
         ami.tags.retain(|(k, _)| k != "amictl:image-digest");
-        ami.tags.push(("amictl:image-digest".into(), "sha256-blocks-512k:other".into()));
+        ami.tags.push((
+            "amictl:image-digest".into(),
+            "sha256-blocks-512k:other".into(),
+        ));
     }
-    let err = run(&fake, &img, upload_options(false), options(), &CancellationToken::new()).await.unwrap_err();
+    let err = run(
+        &fake,
+        &img,
+        upload_options(false),
+        options(),
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap_err();
     assert!(matches!(err, PublishError::NameTaken { .. }), "{err}");
-    assert_eq!(fake.cloud.lock().unwrap().snapshots.len(), 1, "the new snapshot was not deleted");
+    assert_eq!(
+        fake.cloud.lock().unwrap().snapshots.len(),
+        1,
+        "the new snapshot was not deleted"
+    );
 }

@@ -284,33 +284,51 @@ async fn dying_proxy(upstream: String, allow: usize) -> String {
     let client = reqwest::Client::new();
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { return };
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
             let (upstream, puts, client) = (upstream.clone(), puts.clone(), client.clone());
             tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    let (upstream, puts, client) = (upstream.clone(), puts.clone(), client.clone());
-                    async move {
-                        let is_put = req.method() == hyper::Method::PUT && req.uri().path().contains("/blocks/");
-                        if is_put && puts.fetch_add(1, Ordering::SeqCst) >= allow {
-                            return Err("endpoint gone");
-                        }
-                        let url = format!("{upstream}{}", req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/"));
-                        let mut forward = client.request(req.method().clone(), url);
-                        for (k, v) in req.headers() {
-                            if k != hyper::header::HOST {
-                                forward = forward.header(k, v);
+                let service = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let (upstream, puts, client) =
+                            (upstream.clone(), puts.clone(), client.clone());
+                        async move {
+                            let is_put = req.method() == hyper::Method::PUT
+                                && req.uri().path().contains("/blocks/");
+                            if is_put && puts.fetch_add(1, Ordering::SeqCst) >= allow {
+                                return Err("endpoint gone");
                             }
+                            let url = format!(
+                                "{upstream}{}",
+                                req.uri()
+                                    .path_and_query()
+                                    .map(|p| p.as_str())
+                                    .unwrap_or("/")
+                            );
+                            let mut forward = client.request(req.method().clone(), url);
+                            for (k, v) in req.headers() {
+                                if k != hyper::header::HOST {
+                                    forward = forward.header(k, v);
+                                }
+                            }
+                            let body = req
+                                .into_body()
+                                .collect()
+                                .await
+                                .map_err(|_| "body")?
+                                .to_bytes();
+                            let answer = forward.body(body).send().await.map_err(|_| "upstream")?;
+                            let mut out =
+                                hyper::Response::builder().status(answer.status().as_u16());
+                            for (k, v) in answer.headers() {
+                                out = out.header(k.as_str(), v.as_bytes());
+                            }
+                            let bytes = answer.bytes().await.map_err(|_| "upstream body")?;
+                            Ok(out.body(Full::new(bytes)).unwrap())
                         }
-                        let body = req.into_body().collect().await.map_err(|_| "body")?.to_bytes();
-                        let answer = forward.body(body).send().await.map_err(|_| "upstream")?;
-                        let mut out = hyper::Response::builder().status(answer.status().as_u16());
-                        for (k, v) in answer.headers() {
-                            out = out.header(k.as_str(), v.as_bytes());
-                        }
-                        let bytes = answer.bytes().await.map_err(|_| "upstream body")?;
-                        Ok(out.body(Full::new(bytes)).unwrap())
-                    }
-                });
+                    },
+                );
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
                     .await;
@@ -326,7 +344,14 @@ async fn an_endpoint_dying_mid_upload_leaves_nothing_behind() {
     let config = moto.sdk_config().await;
     let ec2 = aws_sdk_ec2::Client::new(&config);
     let snapshots_before = own_snapshots(&ec2).await.len();
-    let images_before = ec2.describe_images().owners("self").send().await.unwrap().images().len();
+    let images_before = ec2
+        .describe_images()
+        .owners("self")
+        .send()
+        .await
+        .unwrap()
+        .images()
+        .len();
 
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.raw");
@@ -337,7 +362,14 @@ async fn an_endpoint_dying_mid_upload_leaves_nothing_behind() {
         cmd.env("AWS_ENDPOINT_URL", proxy)
             .args(["image", "publish", "--image"])
             .arg(&image)
-            .args(["--boot-mode", "uefi", "--arch", "x86_64", "--concurrency", "4"]);
+            .args([
+                "--boot-mode",
+                "uefi",
+                "--arch",
+                "x86_64",
+                "--concurrency",
+                "4",
+            ]);
         (cmd.output().unwrap(), moto)
     })
     .await
@@ -346,7 +378,23 @@ async fn an_endpoint_dying_mid_upload_leaves_nothing_behind() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(out.stdout.is_empty(), "no AMI id may be printed");
-    assert!(stderr.contains("uploading block") && stderr.contains("deleted snapshot snap-"), "{stderr}");
-    assert_eq!(own_snapshots(&ec2).await.len(), snapshots_before, "a snapshot was left behind");
-    assert_eq!(ec2.describe_images().owners("self").send().await.unwrap().images().len(), images_before);
+    assert!(
+        stderr.contains("uploading block") && stderr.contains("deleted snapshot snap-"),
+        "{stderr}"
+    );
+    assert_eq!(
+        own_snapshots(&ec2).await.len(),
+        snapshots_before,
+        "a snapshot was left behind"
+    );
+    assert_eq!(
+        ec2.describe_images()
+            .owners("self")
+            .send()
+            .await
+            .unwrap()
+            .images()
+            .len(),
+        images_before
+    );
 }

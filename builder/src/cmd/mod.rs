@@ -3,7 +3,10 @@
 use clap::{Parser, Subcommand};
 
 pub mod archive;
+pub mod drift;
+pub mod health;
 pub mod image;
+pub mod rollout;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -26,6 +29,13 @@ pub enum Command {
     Archive(archive::Args),
     /// Publish NixOS images as AMIs.
     Image(image::Args),
+    /// Check a fleet's instances (through SSM) or an endpoint: exit 0 healthy,
+    /// 1 degraded, 2 unhealthy, 3 unknown.
+    /// Replace (or create) a fleet across AZs, gated by SSM health checks.
+    Rollout(rollout::Args),
+    Health(health::Args),
+    /// Clock, content and AMI drift of a fleet's instances: exit 1 when anything drifts.
+    Drift(drift::Args),
 }
 
 impl Cli {
@@ -33,6 +43,9 @@ impl Cli {
         match self.command {
             Command::Archive(args) => archive::run(args).await,
             Command::Image(args) => image::run(args).await,
+            Command::Rollout(args) => rollout::run(args).await,
+            Command::Health(args) => health::run(args).await,
+            Command::Drift(args) => drift::run(args).await,
         }
     }
 }

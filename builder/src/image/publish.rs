@@ -153,20 +153,17 @@ pub enum PublishError {
     Spec(#[from] SpecError),
     #[error("looking for an existing AMI: {0}")]
     Lookup(AwsError),
-    #[error("{source}{cleanup}")]
-    Upload {
-        source: UploadError,
-        cleanup: String,
-    },
-    #[error("registering the AMI: {source}{cleanup}")]
+    #[error("{cause}{cleanup}")]
+    Upload { cause: UploadError, cleanup: String },
+    #[error("registering the AMI: {cause}{cleanup}")]
     Register {
-        source: RegisterError,
+        cause: RegisterError,
         cleanup: String,
     },
-    #[error("tagging {what}: {source}{cleanup}")]
+    #[error("tagging {what}: {cause}{cleanup}")]
     Tag {
         what: String,
-        source: AwsError,
+        cause: AwsError,
         cleanup: String,
     },
     #[error("AMI {ami_id} did not become available: {reason}{cleanup}")]
@@ -264,7 +261,10 @@ pub async fn publish<S: SnapshotStore, R: ImageRegistry, U: Uploader>(
             .await;
             return Err(match source {
                 UploadError::Interrupted => PublishError::Interrupted { cleanup },
-                source => PublishError::Upload { source, cleanup },
+                source => PublishError::Upload {
+                    cause: source,
+                    cleanup,
+                },
             });
         }
     };
@@ -298,7 +298,7 @@ pub async fn publish<S: SnapshotStore, R: ImageRegistry, U: Uploader>(
             .await;
             return Err(PublishError::Tag {
                 what: "(lookup)".into(),
-                source: e,
+                cause: e,
                 cleanup,
             });
         }
@@ -325,7 +325,7 @@ pub async fn publish<S: SnapshotStore, R: ImageRegistry, U: Uploader>(
         .await;
         return Err(PublishError::Tag {
             what: snapshot_id,
-            source,
+            cause: source,
             cleanup,
         });
     }
@@ -367,7 +367,7 @@ pub async fn publish<S: SnapshotStore, R: ImageRegistry, U: Uploader>(
                     cleanup,
                 }),
                 None => Err(PublishError::Register {
-                    source: RegisterError::DuplicateName(name),
+                    cause: RegisterError::DuplicateName(name),
                     cleanup,
                 }),
             };
@@ -381,7 +381,10 @@ pub async fn publish<S: SnapshotStore, R: ImageRegistry, U: Uploader>(
                 opts.keep_on_failure,
             )
             .await;
-            return Err(PublishError::Register { source, cleanup });
+            return Err(PublishError::Register {
+                cause: source,
+                cleanup,
+            });
         }
     };
     info!(%ami_id, name = %spec.name, "registered, waiting until available");
@@ -402,7 +405,7 @@ pub async fn publish<S: SnapshotStore, R: ImageRegistry, U: Uploader>(
         .await;
         return Err(PublishError::Tag {
             what: ami_id,
-            source,
+            cause: source,
             cleanup,
         });
     }

@@ -143,6 +143,9 @@ pub enum UploadError {
     },
     #[error("interrupted")]
     Interrupted,
+    /// `--via s3`: staging in S3 or ImportSnapshot.
+    #[error(transparent)]
+    S3(Box<super::s3::S3Error>),
 }
 
 struct Job {

@@ -14,9 +14,12 @@ use tracing::info;
 use crate::image::aws::AwsImages;
 use crate::image::cache::DigestCache;
 use crate::image::info::{Arch, BootMode, ImageSource};
+use crate::image::publish::Uploader;
 use crate::image::publish::{
     publish, DirectUpload, Outcome, PublishError, PublishOptions, Services,
 };
+use crate::image::s3::{S3Import, S3Options};
+use crate::image::s3_aws::{AwsImporter, AwsStaging};
 use crate::image::upload::UploadOptions;
 
 #[derive(Debug, clap::Args)]
@@ -27,6 +30,13 @@ pub struct Args {
     /// A bare raw disk image instead (needs --boot-mode and --arch).
     #[arg(long, requires_all = ["boot_mode", "arch"])]
     pub image: Option<PathBuf>,
+    #[command(flatten)]
+    pub flags: Flags,
+}
+
+/// How to publish an image, whatever made it: `image publish` and `image build` share these.
+#[derive(Debug, clap::Args)]
+pub struct Flags {
     /// Boot mode; overrides image-info.json (`uefi-preferred` boots UEFI where it can).
     #[arg(long, value_enum)]
     pub boot_mode: Option<BootMode>,
@@ -63,30 +73,55 @@ pub struct Args {
     /// AWS region (else the standard chain: AWS_REGION, the profile).
     #[arg(long)]
     pub region: Option<String>,
+    /// How the image becomes a snapshot: `ebs` (EBS direct APIs, fast) or `s3` (a staging
+    /// object in --bucket and ImportSnapshot, 10-20+ minutes, for accounts that do not allow
+    /// EBS direct APIs; it needs the `vmimport` service role).
+    #[arg(long, value_enum, default_value_t = Via::Ebs)]
+    pub via: Via,
+    /// Staging bucket for --via s3, in the region of the import (the object is deleted
+    /// after the import).
+    #[arg(long, required_if_eq("via", "s3"))]
+    pub bucket: Option<String>,
+    /// Key prefix of the staging object in --bucket.
+    #[arg(long, default_value = "amictl/")]
+    pub key_prefix: String,
+    #[command(flatten)]
+    pub lifecycle: super::lifecycle::LifecycleArgs,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<i32> {
+    let flags = args.flags;
     let image = match (&args.result, &args.image) {
-        (Some(dir), _) => ImageSource::from_result_dir(dir, args.boot_mode)?,
+        (Some(dir), _) => ImageSource::from_result_dir(dir, flags.boot_mode)?,
         (None, Some(file)) => ImageSource::from_file(
             file,
-            args.boot_mode.context("--image needs --boot-mode")?,
-            args.arch.context("--image needs --arch")?,
-            args.label.clone(),
+            flags.boot_mode.context("--image needs --boot-mode")?,
+            flags.arch.context("--image needs --arch")?,
+            flags.label.clone(),
             None,
         )?,
         (None, None) => anyhow::bail!("pass RESULT_DIR (from `nix build .#ami`) or --image FILE"),
     };
+    publish_image(image, flags).await
+}
+
+/// Publishes an image already resolved (by `image publish` or `image build`), then applies
+/// the lifecycle flags; the AMI id is printed only when all of it succeeded.
+pub async fn publish_image(image: ImageSource, args: Flags) -> anyhow::Result<i32> {
+    if args.via != Via::S3 && args.bucket.is_some() {
+        anyhow::bail!("--bucket is for --via s3 (the staging bucket of ImportSnapshot)");
+    }
     info!(path = %image.path.display(), size = image.size, arch = %image.arch, boot_mode = image.boot_mode.as_aws(), "image");
 
     let config = crate::aws::load(args.region.as_deref()).await?;
+    let lifecycle = args.lifecycle.prepare(&config, args.encrypted)?;
     let aws = AwsImages::new(&config);
     let cancel = CancellationToken::new();
     crate::cmd::cancel_on_signal(cancel.clone());
 
     let progress = progress_bar(image.size);
     let wait = Duration::from_secs(args.wait_timeout);
-    let uploader = DirectUpload {
+    let direct = DirectUpload {
         store: Arc::new(aws.clone()),
         options: UploadOptions {
             concurrency: args.concurrency as usize,
@@ -109,6 +144,7 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
             ..UploadOptions::default()
         },
     };
+    let uploader = choose_uploader(&args, &config, direct)?;
     let opts = PublishOptions {
         prefix: args.prefix.clone(),
         tpm_v2: args.tpm,
@@ -137,6 +173,7 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
             } else {
                 eprintln!("{ami_id} already has this image (same {matched_by}); nothing uploaded");
             }
+            lifecycle.apply(&ami_id, &cancel).await?;
             println!("{ami_id}");
             Ok(0)
         }
@@ -148,6 +185,7 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
                 uploaded.blocks_total,
                 uploaded.digest
             );
+            lifecycle.apply(&ami_id, &cancel).await?;
             println!("{ami_id}");
             Ok(0)
         }
@@ -167,9 +205,69 @@ fn progress_bar(total: u64) -> ProgressBar {
     let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
     bar.set_style(
         ProgressStyle::with_template(
-            "{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+            "{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta} {msg}",
         )
         .expect("a valid template"),
     );
     bar
+}
+
+/// How the image's bytes reach EBS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Via {
+    /// EBS direct APIs: block by block, holes skipped.
+    Ebs,
+    /// A staging object in S3, then EC2 ImportSnapshot.
+    S3,
+}
+
+/// The uploader `--via` names; the S3 one takes the EBS one's description, tags, token,
+/// encryption and deadline.
+enum Chosen<S> {
+    Ebs(DirectUpload<S>),
+    S3(S3Import<AwsStaging, AwsImporter>),
+}
+
+fn choose_uploader<S>(
+    args: &Flags,
+    config: &aws_config::SdkConfig,
+    direct: DirectUpload<S>,
+) -> anyhow::Result<Chosen<S>> {
+    if args.via == Via::Ebs {
+        return Ok(Chosen::Ebs(direct));
+    }
+    let bucket = args.bucket.clone().context("--via s3 needs --bucket")?;
+    let o = direct.options;
+    Ok(Chosen::S3(S3Import {
+        staging: Arc::new(AwsStaging::new(config)),
+        importer: Arc::new(AwsImporter::new(config)),
+        options: S3Options {
+            bucket,
+            key_prefix: args.key_prefix.clone(),
+            parts_in_flight: o.concurrency,
+            description: o.description,
+            tags: o.tags,
+            client_token: o.client_token,
+            encrypted: o.encrypted,
+            kms_key_id: o.kms_key_arn,
+            import_deadline: o.completion_deadline,
+            keep_on_failure: args.keep_on_failure,
+            ..S3Options::default()
+        },
+    }))
+}
+
+impl<S: crate::image::upload::SnapshotStore> Uploader for Chosen<S> {
+    async fn upload(
+        &self,
+        image: &ImageSource,
+        progress: &ProgressBar,
+        cancel: &CancellationToken,
+        started: &mut Option<String>,
+    ) -> Result<crate::image::upload::Uploaded, crate::image::upload::UploadError> {
+        match self {
+            Chosen::Ebs(u) => u.upload(image, progress, cancel, started).await,
+            Chosen::S3(u) => u.upload(image, progress, cancel, started).await,
+        }
+    }
 }

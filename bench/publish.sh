@@ -1,0 +1,322 @@
+#!/usr/bin/env bash
+# Uploads the same raw disk images with `amictl image publish` and with `coldsnap upload`
+# to a local moto server, the two tools taking turns, and prints the uploader's CPU time
+# per GiB and its wall time side by side.
+#
+# Usage: bench/publish.sh [--rounds N] [--no-build] [--no-pin] [--coldsnap-omit]
+#   env: ROUNDS (default 3), BENCH_MIB (image size in MiB, default 1024; or BENCH_GIB),
+#        AMICTL_BIN (use this amictl, skip the build), COLDSNAP_BIN (default: coldsnap
+#        on PATH), PYTHON (default python3, needs moto and boto3), RUN_TIMEOUT (s, 900).
+# See bench/README.md for how to read the output.
+set -euo pipefail
+
+ROUNDS=${ROUNDS:-3}
+RUN_TIMEOUT=${RUN_TIMEOUT:-900}
+PYTHON=${PYTHON:-python3}
+BUILD=1
+PIN=1
+COLDSNAP_OMIT=0
+if [[ -n ${BENCH_MIB:-} ]]; then
+    MIB=$BENCH_MIB
+elif [[ -n ${BENCH_GIB:-} ]]; then
+    MIB=$((BENCH_GIB * 1024))
+else
+    MIB=1024
+fi
+
+usage() { sed -n '2,10p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+
+while (($#)); do
+    case $1 in
+        --rounds) ROUNDS=${2:?--rounds needs a value}; shift 2 ;;
+        --rounds=*) ROUNDS=${1#*=}; shift ;;
+        --no-build) BUILD=0; shift ;;
+        --no-pin) PIN=0; shift ;;
+        --coldsnap-omit) COLDSNAP_OMIT=1; shift ;;
+        -h | --help) usage; exit 0 ;;
+        *) echo "unknown argument: $1" >&2; usage >&2; exit 2 ;;
+    esac
+done
+
+die() { echo "error: $*" >&2; exit 1; }
+note() { echo "$*" >&2; }
+is_uint() { [[ $1 =~ ^[0-9]+$ ]]; }
+is_uint "$ROUNDS" && ((ROUNDS >= 1 && ROUNDS <= 20)) || die "ROUNDS must be 1..20 (got '$ROUNDS')"
+is_uint "$MIB" && ((MIB >= 2 && MIB <= 16384 && MIB % 2 == 0)) ||
+    die "the image size must be an even number of MiB, 2..16384 (got '$MIB')"
+is_uint "$RUN_TIMEOUT" && ((RUN_TIMEOUT >= 10)) || die "RUN_TIMEOUT must be >= 10 s"
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+LAUNCHER=$REPO/bench/moto_launcher.py
+
+# ---------------------------------------------------------------- prerequisites
+GNU_TIME=/usr/bin/time
+if ! "$GNU_TIME" -f '%U' true >/dev/null 2>&1; then
+    sudo=""
+    ((EUID == 0)) || sudo="sudo "
+    die "GNU time is missing at $GNU_TIME. Install it with: ${sudo}apt-get install -y time"
+fi
+for tool in awk dd head truncate mktemp timeout stat sort; do
+    command -v "$tool" >/dev/null || die "missing the '$tool' command"
+done
+"$PYTHON" -c 'import moto, boto3' 2>/dev/null ||
+    die "$PYTHON cannot import moto and boto3. Install them with: $PYTHON -m pip install 'moto[server]' boto3"
+
+COLDSNAP=${COLDSNAP_BIN:-$(command -v coldsnap || true)}
+[[ -n $COLDSNAP && -x $COLDSNAP ]] || die "coldsnap not found. Build it once with
+  cargo install coldsnap --root \"\$HOME/.local/coldsnap\"
+and run again with COLDSNAP_BIN=\$HOME/.local/coldsnap/bin/coldsnap"
+# coldsnap has no --version; its SDK app name ("coldsnap-X.Y.Z") is in the binary.
+COLDSNAP_VERSION=$(grep -aom1 'coldsnap-[0-9]\+\.[0-9]\+\.[0-9]\+' "$COLDSNAP" 2>/dev/null || true)
+COLDSNAP_VERSION=${COLDSNAP_VERSION:-coldsnap}
+COLDSNAP_VERSION=${COLDSNAP_VERSION/-/ }
+
+if [[ -n ${AMICTL_BIN:-} ]]; then
+    AMICTL=$AMICTL_BIN
+elif ((BUILD)); then
+    command -v cargo >/dev/null || die "cargo not found (needed to build amictl)"
+    note "building amictl (release)..."
+    (cd "$REPO" && cargo build --release -p builder --quiet)
+    AMICTL=${CARGO_TARGET_DIR:-$REPO/target}/release/amictl
+else
+    AMICTL=${CARGO_TARGET_DIR:-$REPO/target}/release/amictl
+fi
+[[ -x $AMICTL ]] || die "no amictl binary at $AMICTL"
+
+# Only loopback traffic: no proxy, no instance metadata lookups, no profile files.
+unset http_proxy HTTP_PROXY https_proxy HTTPS_PROXY all_proxy ALL_PROXY AWS_PROFILE \
+    AWS_DEFAULT_PROFILE AWS_SESSION_TOKEN AWS_ROLE_ARN AWS_WEB_IDENTITY_TOKEN_FILE
+export NO_PROXY=127.0.0.1,localhost no_proxy=127.0.0.1,localhost
+export AWS_EC2_METADATA_DISABLED=true AWS_CONFIG_FILE=/dev/null AWS_SHARED_CREDENTIALS_FILE=/dev/null
+export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_REGION=us-east-1 AWS_DEFAULT_REGION=us-east-1
+
+# ---------------------------------------------------------------- CPUs
+mapfile -t CPUS < <(awk '/^Cpus_allowed_list:/ {
+    n = split($2, parts, ",")
+    for (i = 1; i <= n; i++) {
+        if (split(parts[i], r, "-") == 2) { for (c = r[1]; c <= r[2]; c++) print c } else print parts[i]
+    }
+}' /proc/self/status)
+((${#CPUS[@]})) || CPUS=(0)
+if ((PIN && ${#CPUS[@]} >= 2)); then
+    CLIENT_PIN=(taskset -c "${CPUS[0]}")
+    MOTO_PIN=(taskset -c "${CPUS[1]}")
+    PIN_NOTE="uploader pinned to CPU ${CPUS[0]}, moto pinned to CPU ${CPUS[1]} (each uploader then runs 1 tokio worker thread)"
+else
+    CLIENT_PIN=()
+    MOTO_PIN=()
+    PIN_NOTE="nothing pinned: uploader and moto share ${#CPUS[@]} CPU(s)"
+fi
+command -v taskset >/dev/null || { CLIENT_PIN=(); MOTO_PIN=(); PIN_NOTE="nothing pinned (no taskset)"; }
+
+# ---------------------------------------------------------------- cleanup
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/amictl-publish-bench.XXXXXX")
+MOTO_PID=""
+
+stop_pid() { # pid: TERM, wait up to 10 s, then KILL
+    local pid=$1 i
+    [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null || return 0
+    kill -TERM "$pid" 2>/dev/null || true
+    for ((i = 0; i < 100; i++)); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+}
+
+cleanup() {
+    set +e
+    stop_pid "$MOTO_PID"
+    MOTO_PID=""
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# ---------------------------------------------------------------- moto
+MOTO_PORT=""
+start_moto() {
+    rm -f "$TMP/port"
+    # exec: the pid is moto's own, so stopping it needs no process-group games.
+    (cd "$TMP" && exec "${MOTO_PIN[@]}" "$PYTHON" "$LAUNCHER" --port 0 --port-file "$TMP/port") \
+        >"$TMP/moto.log" 2>&1 &
+    MOTO_PID=$!
+    local i
+    for ((i = 0; i < 1200; i++)); do # up to 120 s: importing moto is slow on a busy machine
+        [[ -s $TMP/port ]] && break
+        kill -0 "$MOTO_PID" 2>/dev/null || { cat "$TMP/moto.log" >&2; die "moto exited at start"; }
+        sleep 0.1
+    done
+    [[ -s $TMP/port ]] || { cat "$TMP/moto.log" >&2; die "moto did not start within 120 s"; }
+    MOTO_PORT=$(<"$TMP/port")
+}
+stop_moto() {
+    stop_pid "$MOTO_PID"
+    MOTO_PID=""
+}
+
+# ---------------------------------------------------------------- images
+BLOCK=524288
+BLOCKS=$((MIB * 2)) # 512 KiB blocks per image
+FULL=$TMP/full.raw
+HALF=$TMP/half-empty.raw
+note "making the images ($MIB MiB each) in $TMP..."
+head -c "$((MIB * 1048576))" /dev/urandom >"$FULL"
+# Half-empty: 1 MiB of data, then a 1 MiB hole, and so on; the data is copied from the
+# full image (random, so no block of it is all zeros).
+truncate -s "${MIB}M" "$HALF"
+for ((i = 0; i < MIB; i += 2)); do
+    dd if="$FULL" of="$HALF" bs=1M count=1 skip="$i" seek="$i" conv=notrunc status=none
+done
+alloc_mib() { echo $(($(stat -c '%b * %B' "$1") / 1048576)); }
+HALF_ALLOC=$(alloc_mib "$HALF")
+((HALF_ALLOC <= MIB * 3 / 4)) ||
+    note "warning: this filesystem did not keep the half-empty image sparse ($HALF_ALLOC MiB allocated); its holes are read as zeros"
+
+# name file expected-blocks(amictl) expected-blocks(coldsnap) expected-blocks(coldsnap-omit)
+IMAGES=("full $FULL $BLOCKS $BLOCKS $BLOCKS" "half-empty $HALF $((BLOCKS / 2)) $BLOCKS $((BLOCKS / 2))")
+TOOLS=(amictl coldsnap)
+((COLDSNAP_OMIT)) && TOOLS+=(coldsnap-omit)
+
+# ---------------------------------------------------------------- one upload
+RESULTS=$TMP/results.tsv
+: >"$RESULTS"
+RUN=0
+
+run_one() { # image-name file tool round expected-blocks
+    local name=$1 file=$2 tool=$3 round=$4 expect=$5 cmd rc id line times nlines
+    local snap nblocks bsize state user sys wall
+    RUN=$((RUN + 1))
+    start_moto
+    export AWS_ENDPOINT_URL="http://127.0.0.1:$MOTO_PORT"
+    case $tool in
+        amictl)
+            cmd=("$AMICTL" image publish --image "$file" --boot-mode uefi --arch x86_64
+                --no-cache --prefix "bench-$RUN-") ;;
+        coldsnap) cmd=("$COLDSNAP" --endpoint "$AWS_ENDPOINT_URL" upload --no-progress "$file") ;;
+        coldsnap-omit) cmd=("$COLDSNAP" --endpoint "$AWS_ENDPOINT_URL" upload --no-progress --omit-zero-blocks "$file") ;;
+    esac
+    cat "$file" >/dev/null # both tools read from the page cache
+    rc=0
+    timeout --kill-after=10 "$RUN_TIMEOUT" "${CLIENT_PIN[@]}" "$GNU_TIME" -f 'TIME %U %S %e' -o "$TMP/time" \
+        "${cmd[@]}" >"$TMP/out" 2>"$TMP/err" </dev/null || rc=$?
+    if ((rc != 0)); then
+        tail -20 "$TMP/err" >&2
+        ((rc == 124)) && die "$tool on the $name image (round $round) timed out after $RUN_TIMEOUT s"
+        die "$tool on the $name image (round $round) failed with exit code $rc"
+    fi
+    case $tool in
+        amictl)
+            nlines=$(grep -c . "$TMP/out" || true)
+            ((nlines == 1)) || { cat "$TMP/out" >&2; die "amictl printed $nlines lines, expected only the AMI id"; }
+            id=$(<"$TMP/out")
+            [[ $id =~ ^ami-[0-9a-f]+$ ]] || die "amictl printed '$id', not an AMI id" ;;
+        *) id=$(grep -E '^snap-[0-9a-f]+$' "$TMP/out" | tail -1 || true)
+            [[ -n $id ]] || { cat "$TMP/out" "$TMP/err" >&2; die "$tool printed no snapshot id"; } ;;
+    esac
+    times=$(grep '^TIME ' "$TMP/time" | tail -1)
+    [[ -n $times ]] || die "no timing for $tool: $(cat "$TMP/time")"
+    # The snapshot must hold exactly the blocks this tool was meant to send.
+    line=$("$PYTHON" "$LAUNCHER" blocks --port "$MOTO_PORT" "$id") || die "cannot inspect $id"
+    read -r snap nblocks bsize state <<<"$line"
+    [[ $bsize == "$BLOCK" ]] || die "moto answered BlockSize $bsize, not $BLOCK: is the launcher's patch in effect?"
+    [[ $nblocks == "$expect" ]] || die "$tool: $snap holds $nblocks blocks, expected $expect"
+    [[ $state == completed ]] || die "$tool: $snap is $state, not completed"
+    stop_moto
+    read -r _ user sys wall <<<"$times"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$tool" "$round" "$user" "$sys" "$wall" "$id" "$nblocks" >>"$RESULTS"
+    note "  $(printf '%-10s %-13s round %d: user %5.2f s  sys %5.2f s  wall %6.2f s  %s (%s blocks)' \
+        "$name" "$tool" "$round" "$user" "$sys" "$wall" "$id" "$nblocks")"
+}
+
+# ---------------------------------------------------------------- run
+LOAD=$(cut -d' ' -f1 /proc/loadavg)
+note "amictl: $AMICTL"
+note "coldsnap: $COLDSNAP ($COLDSNAP_VERSION)"
+note "$PIN_NOTE"
+START=$SECONDS
+for img in "${IMAGES[@]}"; do
+    read -r name file exp_amictl exp_coldsnap exp_omit <<<"$img"
+    for ((r = 1; r <= ROUNDS; r++)); do
+        for tool in "${TOOLS[@]}"; do
+            case $tool in
+                amictl) exp=$exp_amictl ;;
+                coldsnap) exp=$exp_coldsnap ;;
+                coldsnap-omit) exp=$exp_omit ;;
+            esac
+            run_one "$name" "$file" "$tool" "$r" "$exp"
+        done
+    done
+done
+ELAPSED=$((SECONDS - START))
+
+# ---------------------------------------------------------------- report
+"$PYTHON" - "$RESULTS" "$MIB" "$ROUNDS" "$HALF_ALLOC" "$LOAD" "$ELAPSED" "$PIN_NOTE" "$COLDSNAP_VERSION" "$(nproc)" <<'EOF'
+import statistics
+import sys
+
+path, mib, rounds, half_alloc, load, elapsed, pin_note, coldsnap_version, ncpu = sys.argv[1:]
+mib, rounds = int(mib), int(rounds)
+gib = mib / 1024
+rows = [line.rstrip("\n").split("\t") for line in open(path) if line.strip()]
+
+runs = {}
+for image, tool, rnd, user, sys_, wall, ident, blocks in rows:
+    cpu = float(user) + float(sys_)
+    runs.setdefault((image, tool), []).append((cpu / gib, float(wall), int(blocks)))
+
+tools = []
+for _, tool in runs:
+    if tool not in tools:
+        tools.append(tool)
+
+print(f"amictl vs {coldsnap_version}: image upload to moto on 127.0.0.1 (EBS direct APIs, 64 in flight each)")
+print(f"images: {mib} MiB raw ({gib:g} GiB); 'full' is random data; 'half-empty' alternates 1 MiB of random data")
+print(f"        and a 1 MiB hole ({half_alloc} MiB allocated on disk)")
+print(f"rounds: {rounds} per tool and image, tools alternating, a fresh moto for every upload")
+print(f"cpu: {pin_note}; {ncpu} CPUs, load average {load} at start")
+print("CPU = user+sys of the uploader process only (moto's CPU is not counted), per GiB of image size")
+print()
+
+w = max(12, 9 * rounds)
+head = f"{'image':<11}{'tool':<14}{'blocks':>7}  {'CPU s/GiB per round':<{w}}{'median':>8}   {'wall s per round':<{w}}{'median':>8}"
+print(head)
+print("-" * len(head))
+med = {}
+for (image, tool), rs in runs.items():
+    cpus = [c for c, _, _ in rs]
+    walls = [w_ for _, w_, _ in rs]
+    med[(image, tool)] = (statistics.median(cpus), statistics.median(walls))
+    cpu_s = " ".join(f"{c:8.3f}" for c in cpus)
+    wall_s = " ".join(f"{x:8.2f}" for x in walls)
+    print(f"{image:<11}{tool:<14}{rs[0][2]:>7}  {cpu_s:<{w}}{med[(image, tool)][0]:>8.3f}   {wall_s:<{w}}{med[(image, tool)][1]:>8.2f}")
+print()
+
+def ratio(image, other="coldsnap"):
+    a, c = med.get((image, "amictl")), med.get((image, other))
+    if not a or not c or c[0] <= 0:
+        return None, a, c
+    return a[0] / c[0], a, c
+
+for image in dict.fromkeys(i for i, _ in runs):
+    for other in [t for t in tools if t != "amictl"]:
+        r, a, c = ratio(image, other)
+        if r is not None:
+            print(f"ratio amictl/{other} of median CPU per GiB, {image}: {r:.3f}   (wall: {a[1] / c[1]:.2f})")
+print()
+
+for image, label, goal, ok in (
+    ("full", "full image", "< 1.0", lambda r: r < 1.0),
+    ("half-empty", "half-empty image", "<= 0.5", lambda r: r <= 0.5),
+):
+    r, a, c = ratio(image)
+    if r is None:
+        print(f"{label}: no figures")
+        continue
+    verdict = "met" if ok(r) else "not met"
+    print(f"{label}: amictl {a[0]:.3f} CPU-s/GiB vs coldsnap {c[0]:.3f} (ratio {r:.2f}) — goal {goal}: {verdict}")
+print()
+print(f"total benchmark time: {elapsed} s")
+EOF

@@ -1,0 +1,91 @@
+//! `amictl drift --fleet NAME [--ami AMI]`: clock, content and image drift of every
+//! running instance, one row each. Exit 1 when anything drifts (a CI gate), 3 when nothing
+//! drifts but something could not be measured, 0 otherwise.
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::cmd::health::running;
+use crate::fleet::drift::{assess, exit_code, render, InstanceDrift, DEFAULT_DRIFT_COMMAND};
+use crate::fleet::ec2::{Ec2Compute, Ec2LaunchSettings};
+use crate::fleet::health::DEFAULT_HEALTH_COMMAND;
+use crate::fleet::{Compute, Invocation, RunCommand};
+use crate::ssm::SsmRunCommand;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The fleet: instances tagged amictl:fleet=NAME.
+    #[arg(long)]
+    pub fleet: String,
+    /// The AMI every instance should run.
+    #[arg(long)]
+    pub ami: Option<String>,
+    /// JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// AWS region (else the standard chain: AWS_REGION, the profile).
+    #[arg(long)]
+    pub region: Option<String>,
+    /// Clock drift beyond this many seconds (either way) drifts.
+    #[arg(long, value_name = "SECS", default_value_t = 2)]
+    pub max_clock_drift: i64,
+    /// The clock measurement run on each instance (one integer on stdout).
+    #[arg(long, env = "AMICTL_DRIFT_COMMAND", default_value = DEFAULT_DRIFT_COMMAND)]
+    pub drift_command: String,
+    /// The health check run on each instance (its JSON report gives the content drift).
+    #[arg(long, env = "AMICTL_HEALTH_COMMAND", default_value = DEFAULT_HEALTH_COMMAND)]
+    pub health_command: String,
+    /// Seconds the commands may run on the instances.
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    pub timeout: u64,
+}
+
+#[derive(Serialize)]
+struct Output<'a> {
+    fleet: &'a str,
+    ami: Option<&'a str>,
+    exit_code: i32,
+    instances: &'a [InstanceDrift],
+}
+
+pub async fn run(args: Args) -> anyhow::Result<i32> {
+    let timeout = Duration::from_secs(args.timeout.max(1));
+    let config = crate::aws::load(args.region.as_deref()).await?;
+    let compute = Ec2Compute::new(&config, Ec2LaunchSettings::default());
+    let instances = running(compute.instances(&args.fleet).await?, &args.fleet);
+    let runner = SsmRunCommand::new(&config);
+    let ids: Vec<String> = instances.iter().map(|i| i.id.clone()).collect();
+    let (clocks, checks) = tokio::try_join!(
+        runner.run(&ids, &args.drift_command, timeout),
+        runner.run(&ids, &args.health_command, timeout),
+    )?;
+    let missing = Invocation::Unreachable {
+        reason: "no answer from Run Command".into(),
+    };
+    let rows: Vec<InstanceDrift> = instances
+        .iter()
+        .map(|i| {
+            assess(
+                i,
+                clocks.get(&i.id).unwrap_or(&missing),
+                checks.get(&i.id).unwrap_or(&missing),
+                args.ami.as_deref(),
+                args.max_clock_drift,
+            )
+        })
+        .collect();
+    let code = exit_code(&rows);
+    if args.json {
+        let out = Output {
+            fleet: &args.fleet,
+            ami: args.ami.as_deref(),
+            exit_code: code,
+            instances: &rows,
+        };
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        print!("{}", render(&rows));
+    }
+    Ok(code)
+}

@@ -1,0 +1,182 @@
+//! A fleet: the instances tagged `amictl:fleet=NAME`, spread over availability zones, and
+//! the effects a rollout works through. Each effect is a trait (compute, Run Command, load
+//! balancer, alarms), implemented for AWS and for the local fleet, and faked in tests.
+
+pub mod drift;
+pub mod ec2;
+pub mod health;
+pub mod table;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub mod elb;
+pub mod sim;
+
+pub const TAG_FLEET: &str = "amictl:fleet";
+/// The rollout that launched an instance.
+pub const TAG_ROLLOUT: &str = "amictl:rollout";
+/// Set on an old instance a rollout has taken out of service: the rollout's id.
+pub const TAG_RETIRING: &str = "amictl:retiring";
+/// Digest of the launch settings other than the image (type, groups, profile, subnet).
+pub const TAG_SPEC: &str = "amictl:spec";
+pub const TAG_IMAGE: &str = "amictl:image";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InstanceState {
+    Pending,
+    Running,
+    /// Stopping, stopped, shutting down: not serving, not coming back by itself.
+    Down,
+    Terminated,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Instance {
+    pub id: String,
+    pub az: String,
+    /// The image it runs (an AMI id, or a local release).
+    pub image: String,
+    /// The launch-settings digest it was launched with.
+    pub spec: String,
+    pub state: InstanceState,
+    /// The rollout that launched it.
+    pub rollout: Option<String>,
+    /// The rollout that took it out of service, if one did.
+    pub retiring: Option<String>,
+    /// Where it answers from outside (public DNS name or address), if anywhere.
+    pub address: Option<String>,
+}
+
+impl Instance {
+    pub fn matches(&self, image: &str, spec: &str) -> bool {
+        self.image == image && self.spec == spec
+    }
+}
+
+/// One placement: an AZ and where instances go in it (a subnet on AWS).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placement {
+    pub az: String,
+    pub subnet: String,
+}
+
+/// A launch request. `token` makes a repeated launch (a retry, a resumed rollout) return
+/// the instance the first one made (ClientToken on AWS).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Launch {
+    pub fleet: String,
+    pub placement: Placement,
+    pub image: String,
+    pub spec: String,
+    pub rollout: String,
+    pub token: String,
+    pub name: String,
+}
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum CloudError {
+    /// The AZ cannot take the instance now (InsufficientInstanceCapacity and friends).
+    #[error("no capacity in {az}: {message}")]
+    NoCapacity { az: String, message: String },
+    #[error("{0}")]
+    NotFound(String),
+    #[error("access denied: {message} (the IAM policy needs {action})")]
+    Denied {
+        action: &'static str,
+        message: String,
+    },
+    #[error("{0}")]
+    Other(String),
+}
+
+impl From<crate::aws::AwsError> for CloudError {
+    fn from(e: crate::aws::AwsError) -> Self {
+        use crate::aws::AwsError;
+        match e {
+            AwsError::NotFound(m) => CloudError::NotFound(m),
+            AwsError::Denied { action, message } => CloudError::Denied { action, message },
+            other => CloudError::Other(other.to_string()),
+        }
+    }
+}
+
+/// Launching and retiring instances (EC2, or local processes).
+pub trait Compute: Send + Sync {
+    /// The fleet's instances that are not terminated.
+    fn instances(
+        &self,
+        fleet: &str,
+    ) -> impl Future<Output = Result<Vec<Instance>, CloudError>> + Send;
+    fn launch(&self, launch: &Launch) -> impl Future<Output = Result<String, CloudError>> + Send;
+    fn terminate(&self, ids: &[String]) -> impl Future<Output = Result<(), CloudError>> + Send;
+    /// Marks (Some) or unmarks (None) instances as taken out of service by a rollout.
+    fn set_retiring(
+        &self,
+        ids: &[String],
+        rollout: Option<&str>,
+    ) -> impl Future<Output = Result<(), CloudError>> + Send;
+}
+
+/// What one invocation of a command on one instance came to (SSM Run Command's view).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "outcome")]
+pub enum Invocation {
+    /// The command ran and exited with `code` (0 is SSM's Success, others its Failed).
+    Exited {
+        code: i32,
+        stdout: String,
+        stderr: String,
+    },
+    /// The instance cannot be reached yet (not registered with SSM, Undeliverable,
+    /// Delivery Timed Out): retry until the deadline.
+    Unreachable { reason: String },
+    /// It ran but did not finish in time (Execution Timed Out), or was cancelled.
+    TimedOut { reason: String },
+}
+
+/// Running a shell command on instances (SSM Run Command, or locally).
+pub trait RunCommand: Send + Sync {
+    fn run(
+        &self,
+        instance_ids: &[String],
+        command: &str,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<BTreeMap<String, Invocation>, CloudError>> + Send;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TargetState {
+    Initial,
+    Healthy,
+    Unhealthy,
+    Draining,
+    /// Not registered (or fully drained).
+    Unused,
+}
+
+/// A load balancer's target group.
+pub trait LoadBalancer: Send + Sync {
+    fn register(&self, ids: &[String]) -> impl Future<Output = Result<(), CloudError>> + Send;
+    fn deregister(&self, ids: &[String]) -> impl Future<Output = Result<(), CloudError>> + Send;
+    fn states(
+        &self,
+        ids: &[String],
+    ) -> impl Future<Output = Result<BTreeMap<String, TargetState>, CloudError>> + Send;
+    /// The stable URL in front of the fleet.
+    fn url(&self) -> impl Future<Output = Result<Option<String>, CloudError>> + Send;
+}
+
+/// Alarms watched during and after a rollout (CloudWatch).
+pub trait Alarms: Send + Sync {
+    /// The names among `names` that are in ALARM now.
+    fn firing(
+        &self,
+        names: &[String],
+    ) -> impl Future<Output = Result<Vec<String>, CloudError>> + Send;
+}

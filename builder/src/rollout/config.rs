@@ -1,0 +1,194 @@
+//! A fleet's settings: command-line flags over the `[fleets.NAME]` table of `amictl.toml`
+//! (pure merge, unit-tested). Unknown keys are errors.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::Deserialize;
+
+pub const DEFAULT_HEALTH_COMMAND: &str = "/run/current-system/sw/bin/ami-agent check --json";
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetFile {
+    pub ami: Option<String>,
+    pub per_az: Option<usize>,
+    pub subnets: Option<Vec<String>>,
+    pub security_groups: Option<Vec<String>>,
+    pub instance_type: Option<String>,
+    pub instance_profile: Option<String>,
+    pub target_group: Option<String>,
+    pub prefix: Option<String>,
+    pub health_command: Option<String>,
+    pub timeout: Option<u64>,
+    pub max_surge: Option<usize>,
+    pub alarms: Option<Vec<String>>,
+    pub bake: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    #[serde(default)]
+    pub fleets: BTreeMap<String, FleetFile>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetConfig {
+    pub ami: String,
+    pub per_az: usize,
+    pub subnets: Vec<String>,
+    pub security_groups: Vec<String>,
+    pub instance_type: String,
+    pub instance_profile: Option<String>,
+    pub target_group: Option<String>,
+    pub prefix: String,
+    pub health_command: String,
+    pub timeout: u64,
+    pub max_surge: usize,
+    pub alarms: Vec<String>,
+    pub bake: u64,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {message}")]
+    Read { path: String, message: String },
+    #[error("{path} is invalid: {message}")]
+    Parse { path: String, message: String },
+    #[error("fleet {fleet}: {what} is missing: pass {flag} or set `{key}` under [fleets.{fleet}] in amictl.toml")]
+    Missing {
+        fleet: String,
+        what: &'static str,
+        flag: &'static str,
+        key: &'static str,
+    },
+    #[error("fleet {0}: --subnets needs one subnet in each of at least two availability zones")]
+    OneAz(String),
+    #[error("fleet {0}: --per-az must be at least 1")]
+    ZeroPerAz(String),
+}
+
+impl ConfigFile {
+    /// Reads `path`; a missing file is an empty configuration.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => toml::from_str(&text).map_err(|e| ConfigError::Parse {
+                path: path.display().to_string(),
+                message: e.to_string(),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ConfigFile::default()),
+            Err(e) => Err(ConfigError::Read {
+                path: path.display().to_string(),
+                message: e.to_string(),
+            }),
+        }
+    }
+}
+
+/// Flags (`cli`) win over the file's table for the fleet.
+pub fn merge(
+    fleet: &str,
+    cli: FleetFile,
+    file: Option<&FleetFile>,
+) -> Result<FleetConfig, ConfigError> {
+    let f = file.cloned().unwrap_or_default();
+    let missing = |what, flag, key| ConfigError::Missing {
+        fleet: fleet.to_owned(),
+        what,
+        flag,
+        key,
+    };
+    let subnets = cli.subnets.or(f.subnets).unwrap_or_default();
+    if subnets.len() < 2 {
+        return Err(ConfigError::OneAz(fleet.to_owned()));
+    }
+    let per_az = cli.per_az.or(f.per_az).unwrap_or(2);
+    if per_az == 0 {
+        return Err(ConfigError::ZeroPerAz(fleet.to_owned()));
+    }
+    Ok(FleetConfig {
+        ami: cli
+            .ami
+            .or(f.ami)
+            .ok_or_else(|| missing("the AMI", "--ami", "ami"))?,
+        per_az,
+        subnets,
+        security_groups: cli
+            .security_groups
+            .or(f.security_groups)
+            .filter(|g| !g.is_empty())
+            .ok_or_else(|| {
+                missing(
+                    "the security groups",
+                    "--security-groups",
+                    "security_groups",
+                )
+            })?,
+        instance_type: cli
+            .instance_type
+            .or(f.instance_type)
+            .unwrap_or_else(|| "t3.micro".into()),
+        instance_profile: cli.instance_profile.or(f.instance_profile),
+        target_group: cli.target_group.or(f.target_group),
+        prefix: cli.prefix.or(f.prefix).unwrap_or_else(|| "amictl-".into()),
+        health_command: cli
+            .health_command
+            .or(f.health_command)
+            .unwrap_or_else(|| DEFAULT_HEALTH_COMMAND.into()),
+        timeout: cli.timeout.or(f.timeout).unwrap_or(600),
+        max_surge: cli.max_surge.or(f.max_surge).unwrap_or(1).max(1),
+        alarms: cli.alarms.or(f.alarms).unwrap_or_default(),
+        bake: cli.bake.or(f.bake).unwrap_or(0),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_win_and_errors_name_the_fix() {
+        let file: ConfigFile = toml::from_str(
+            r#"
+            [fleets.web]
+            ami = "ami-file"
+            subnets = ["subnet-a", "subnet-b"]
+            security_groups = ["sg-1"]
+            per_az = 3
+            "#,
+        )
+        .unwrap();
+        let cli = FleetFile {
+            ami: Some("ami-flag".into()),
+            ..Default::default()
+        };
+        let c = merge("web", cli, file.fleets.get("web")).unwrap();
+        assert_eq!((c.ami.as_str(), c.per_az, c.max_surge), ("ami-flag", 3, 1));
+        assert_eq!(c.health_command, DEFAULT_HEALTH_COMMAND);
+        let e = merge(
+            "api",
+            FleetFile {
+                subnets: Some(vec!["a".into(), "b".into()]),
+                ..Default::default()
+            },
+            None,
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("--ami") && e.to_string().contains("[fleets.api]"),
+            "{e}"
+        );
+        let e = merge(
+            "api",
+            FleetFile {
+                subnets: Some(vec!["a".into()]),
+                ..Default::default()
+            },
+            None,
+        )
+        .unwrap_err();
+        assert_eq!(e, ConfigError::OneAz("api".into()));
+        assert!(toml::from_str::<ConfigFile>("[fleets.web]\namii = \"x\"\n").is_err());
+    }
+}

@@ -1,0 +1,272 @@
+//! The rollout engine against the simulated cloud, over many seeds: injected faults, a
+//! crash at any call followed by a resume or an abort. After every run: capacity never
+//! dipped, nothing is orphaned, and the fleet is all-new or all-old.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use amictl::fleet::sim::{Faults, SimCloud};
+use amictl::fleet::{Instance, Placement, TargetState};
+use amictl::rollout::engine::{Effects, Engine, Outcome, Settings};
+use amictl::rollout::plan::Desired;
+
+const AZS: [&str; 2] = ["az-a", "az-b"];
+const PER_AZ: usize = 2;
+
+fn settings(image: &str, surge: usize, parallel: bool) -> Settings {
+    Settings {
+        fleet: "web".into(),
+        desired: Desired {
+            image: image.into(),
+            placements: AZS
+                .iter()
+                .map(|az| Placement {
+                    az: (*az).into(),
+                    subnet: format!("subnet-{az}"),
+                })
+                .collect(),
+            specs: AZS
+                .iter()
+                .map(|az| ((*az).to_owned(), "spec-1".to_owned()))
+                .collect(),
+            per_az: PER_AZ,
+            max_surge: surge,
+            parallel_azs: parallel,
+        },
+        prefix: "t-".into(),
+        health_command: "ami-agent check --json".into(),
+        health_passes: 2,
+        health_interval: Duration::from_secs(5),
+        step_timeout: Duration::from_secs(300),
+        command_timeout: Duration::from_secs(30),
+        bake: Duration::from_secs(60),
+        alarms: vec!["web-5xx".into()],
+        poll: Duration::from_secs(5),
+    }
+}
+
+async fn run(
+    cloud: &SimCloud,
+    s: &Settings,
+    rollout: &str,
+) -> Result<Outcome, amictl::rollout::engine::RolloutError> {
+    let fx = Effects {
+        compute: cloud,
+        run: cloud,
+        lb: Some(cloud),
+        alarms: cloud,
+    };
+    Engine::new(fx, s, rollout).run().await
+}
+
+async fn abort(
+    cloud: &SimCloud,
+    s: &Settings,
+    rollout: &str,
+) -> Result<Outcome, amictl::rollout::engine::RolloutError> {
+    let fx = Effects {
+        compute: cloud,
+        run: cloud,
+        lb: Some(cloud),
+        alarms: cloud,
+    };
+    Engine::new(fx, s, rollout).rollback("aborted").await
+}
+
+/// The fleet is whole on one image: PER_AZ running instances per AZ, none retiring, each
+/// registered and healthy, nothing else registered.
+fn assert_whole(cloud: &SimCloud, image: &str, ctx: &str) {
+    let (live, targets): (Vec<Instance>, BTreeMap<String, TargetState>) = cloud.snapshot();
+    for az in AZS {
+        let here: Vec<&Instance> = live.iter().filter(|i| i.az == az).collect();
+        assert_eq!(here.len(), PER_AZ, "{ctx}: {az} has {here:?}");
+        assert!(
+            here.iter().all(|i| i.image == image),
+            "{ctx}: mixed images in {az}: {here:?}"
+        );
+        assert!(
+            here.iter().all(|i| i.retiring.is_none()),
+            "{ctx}: retiring left in {az}"
+        );
+    }
+    let ids: Vec<&String> = live.iter().map(|i| &i.id).collect();
+    assert_eq!(
+        targets.keys().collect::<Vec<_>>(),
+        ids,
+        "{ctx}: target group and fleet differ"
+    );
+    assert!(
+        targets.values().all(|s| *s == TargetState::Healthy),
+        "{ctx}: {targets:?}"
+    );
+    assert_eq!(
+        cloud.violations(),
+        Vec::<String>::new(),
+        "{ctx}: capacity dipped"
+    );
+}
+
+/// A healthy v1 fleet, established.
+async fn v1_fleet(seed: u64) -> SimCloud {
+    let cloud = SimCloud::new(seed, Faults::default());
+    let out = run(&cloud, &settings("ami-v1", 2, true), "r-v1")
+        .await
+        .unwrap();
+    assert!(matches!(out, Outcome::Done { launched: 4, .. }), "{out:?}");
+    assert_whole(&cloud, "ami-v1", "v1");
+    cloud.establish(PER_AZ, AZS.iter().map(|s| s.to_string()).collect());
+    cloud
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_clean_rollout_replaces_everything_and_a_repeat_is_a_noop() {
+    let cloud = v1_fleet(1).await;
+    let s = settings("ami-v2", 1, false);
+    let out = run(&cloud, &s, "r-v2").await.unwrap();
+    assert_eq!(
+        out,
+        Outcome::Done {
+            launched: 4,
+            retired: 4,
+            unchanged: false
+        }
+    );
+    assert_whole(&cloud, "ami-v2", "v2");
+    let launches = cloud.launches();
+    let out = run(&cloud, &s, "r-v2b").await.unwrap();
+    assert_eq!(
+        out,
+        Outcome::Done {
+            launched: 0,
+            retired: 0,
+            unchanged: true
+        }
+    );
+    assert_eq!(cloud.launches(), launches);
+}
+
+#[tokio::test(start_paused = true)]
+async fn each_fault_rolls_back_to_exactly_the_old_fleet() {
+    let faults = [
+        (
+            "never healthy",
+            Faults {
+                bad_image: Some("ami-v2".into()),
+                ..Faults::default()
+            },
+        ),
+        (
+            "no capacity in the second AZ",
+            Faults {
+                no_capacity_az: Some("az-b".into()),
+                ..Faults::default()
+            },
+        ),
+        (
+            "alarm during the rollout",
+            Faults {
+                alarm_from_call: Some(40),
+                ..Faults::default()
+            },
+        ),
+        (
+            "never reachable by Run Command",
+            Faults {
+                unreachable_for: Duration::from_secs(3600),
+                ..Faults::default()
+            },
+        ),
+    ];
+    for (what, f) in faults {
+        let cloud = v1_fleet(2).await;
+        let before: Vec<String> = cloud.snapshot().0.into_iter().map(|i| i.id).collect();
+        cloud.set_faults(f);
+        let out = run(&cloud, &settings("ami-v2", 1, false), "r-v2")
+            .await
+            .unwrap();
+        assert!(matches!(out, Outcome::RolledBack { .. }), "{what}: {out:?}");
+        cloud.set_faults(Faults::default());
+        assert_whole(&cloud, "ami-v1", what);
+        let after: Vec<String> = cloud.snapshot().0.into_iter().map(|i| i.id).collect();
+        assert_eq!(before, after, "{what}: the very same instances are back");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn slow_ssm_and_throttling_are_ridden_out() {
+    let cloud = v1_fleet(3).await;
+    cloud.set_faults(Faults {
+        unreachable_for: Duration::from_secs(90),
+        throttle: 0.3,
+        ..Faults::default()
+    });
+    let out = run(&cloud, &settings("ami-v2", 2, true), "r-v2")
+        .await
+        .unwrap();
+    assert!(matches!(out, Outcome::Done { .. }), "{out:?}");
+    assert_whole(&cloud, "ami-v2", "throttled");
+}
+
+/// A crash at every call of a clean rollout, then resume or abort, under many seeds.
+#[tokio::test(start_paused = true)]
+async fn crash_anywhere_then_resume_or_abort() {
+    // How many calls a clean rollout makes, to crash at each of them.
+    let probe = v1_fleet(0).await;
+    let start = probe.calls();
+    run(&probe, &settings("ami-v2", 1, false), "r-v2")
+        .await
+        .unwrap();
+    let total = probe.calls() - start;
+    assert!(total > 20, "{total}");
+
+    let mut runs = 0;
+    for seed in 0..3u64 {
+        for k in 1..=total {
+            let mut rng = fastrand::Rng::with_seed(seed * 1000 + k);
+            let parallel = rng.bool();
+            let surge = rng.usize(1..=2);
+            let s = settings("ami-v2", surge, parallel);
+            let cloud = v1_fleet(seed).await;
+            let base = cloud.calls();
+            cloud.set_faults(Faults {
+                crash_at_call: Some(base + k),
+                throttle: if rng.bool() { 0.2 } else { 0.0 },
+                ..Faults::default()
+            });
+            let first = run(&cloud, &s, "r-v2").await;
+            let ctx = format!("seed {seed}, crash at call {k}, parallel {parallel}, surge {surge}");
+            if !cloud.crashed() {
+                // The crash point was past this variant's last call: it finished.
+                assert!(
+                    matches!(first, Ok(Outcome::Done { .. })),
+                    "{ctx}: {first:?}"
+                );
+                assert_whole(&cloud, "ami-v2", &ctx);
+                continue;
+            }
+            // The process died: whatever it returned, nothing more happened. Come back.
+            cloud.set_faults(Faults::default());
+            let launched_before = cloud.launches();
+            if rng.bool() {
+                let out = run(&cloud, &s, "r-v2")
+                    .await
+                    .unwrap_or_else(|e| panic!("{ctx}: resume failed: {e}"));
+                assert!(matches!(out, Outcome::Done { .. }), "{ctx}: {out:?}");
+                assert_whole(&cloud, "ami-v2", &format!("{ctx}, resumed"));
+                // No double launches: at most the replacements still missing were launched.
+                assert!(
+                    cloud.launches() - launched_before <= (PER_AZ * AZS.len()) as u64,
+                    "{ctx}"
+                );
+            } else {
+                let out = abort(&cloud, &s, "r-v2")
+                    .await
+                    .unwrap_or_else(|e| panic!("{ctx}: abort failed: {e}"));
+                assert!(matches!(out, Outcome::RolledBack { .. }), "{ctx}");
+                assert_whole(&cloud, "ami-v1", &format!("{ctx}, aborted"));
+            }
+            runs += 1;
+        }
+    }
+    assert!(runs > 30, "only {runs} crash runs");
+}
