@@ -86,10 +86,15 @@ where
     R: std::fmt::Debug + Send + Sync + 'static,
 {
     let code = err.code().unwrap_or_default().to_owned();
-    let message = err
-        .message()
-        .map(str::to_owned)
-        .unwrap_or_else(|| DisplayErrorContext(&err).to_string());
+    // Without a service message (an HTML error page, a dropped connection) the SDK's
+    // context is all there is; keep its first part, not the whole raw response.
+    let message = err.message().map(str::to_owned).unwrap_or_else(|| {
+        let full = DisplayErrorContext(&err).to_string();
+        match full.char_indices().nth(300) {
+            Some((cut, _)) => format!("{}…", &full[..cut]),
+            None => full,
+        }
+    });
     match code.as_str() {
         "AccessDenied"
         | "AccessDeniedException"

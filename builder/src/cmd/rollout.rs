@@ -194,10 +194,24 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
         }
     };
     save(State::InProgress);
-    let result = if args.abort {
-        engine.rollback("aborted by request").await
-    } else {
-        engine.run().await
+    let work = async {
+        if args.abort {
+            engine.rollback("aborted by request").await
+        } else {
+            engine.run().await
+        }
+    };
+    // The fleet's tags record every step, so stopping at any await point is safe: say how
+    // to go on rather than try to clean up half-way.
+    let result = tokio::select! {
+        r = work => r,
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!(
+                "interrupted: rollout {rollout} of fleet {} stopped where it was; run the same command again to resume it, or add --abort to roll it back",
+                args.fleet
+            );
+            return Ok(130);
+        }
     };
     let code = match result {
         Ok(Outcome::Done {
