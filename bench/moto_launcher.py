@@ -15,7 +15,8 @@ Usage:
       --port-file if one is given.
   moto_launcher.py blocks --port N ID
       Asks a running server how many blocks a snapshot holds, to check that an upload
-      really happened. ID is a snapshot id, or an AMI id (its root snapshot). Prints
+      really happened. ID is a snapshot id, or an AMI id (the snapshot its
+      amictl:snapshot-id tag names, else its root snapshot). Prints
       "<snapshot-id> <blocks> <block-size>".
 """
 
@@ -95,7 +96,14 @@ def blocks(args: argparse.Namespace) -> int:
     snapshot_id = args.id
     if snapshot_id.startswith("ami-"):
         images = client("ec2", args.port).describe_images(ImageIds=[snapshot_id])["Images"]
+        # moto's RegisterImage ignores the block device mapping it is given and makes up
+        # a snapshot of its own, so the AMI's tag names the uploaded snapshot.
         snaps = [
+            t["Value"]
+            for i in images
+            for t in i.get("Tags", [])
+            if t["Key"] == "amictl:snapshot-id"
+        ] or [
             m["Ebs"]["SnapshotId"]
             for i in images
             for m in i.get("BlockDeviceMappings", [])

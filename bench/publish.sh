@@ -82,6 +82,9 @@ else
     AMICTL=${CARGO_TARGET_DIR:-$REPO/target}/release/amictl
 fi
 [[ -x $AMICTL ]] || die "no amictl binary at $AMICTL"
+AMICTL_REV=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)
+[[ -n $(git -C "$REPO" status --porcelain --untracked-files=no 2>/dev/null) ]] && AMICTL_REV+="+changes"
+[[ -n ${AMICTL_BIN:-} ]] && AMICTL_REV="prebuilt"
 
 # Only loopback traffic: no proxy, no instance metadata lookups, no profile files.
 unset http_proxy HTTP_PROXY https_proxy HTTPS_PROXY all_proxy ALL_PROXY AWS_PROFILE \
@@ -233,7 +236,7 @@ run_one() { # image-name file tool round expected-blocks
 
 # ---------------------------------------------------------------- run
 LOAD=$(cut -d' ' -f1 /proc/loadavg)
-note "amictl: $AMICTL"
+note "amictl: $AMICTL ($AMICTL_REV)"
 note "coldsnap: $COLDSNAP ($COLDSNAP_VERSION)"
 note "$PIN_NOTE"
 START=$SECONDS
@@ -253,11 +256,11 @@ done
 ELAPSED=$((SECONDS - START))
 
 # ---------------------------------------------------------------- report
-"$PYTHON" - "$RESULTS" "$MIB" "$ROUNDS" "$HALF_ALLOC" "$LOAD" "$ELAPSED" "$PIN_NOTE" "$COLDSNAP_VERSION" "$(nproc)" <<'EOF'
+"$PYTHON" - "$RESULTS" "$MIB" "$ROUNDS" "$HALF_ALLOC" "$LOAD" "$ELAPSED" "$PIN_NOTE" "$COLDSNAP_VERSION" "$(nproc)" "$AMICTL_REV" <<'EOF'
 import statistics
 import sys
 
-path, mib, rounds, half_alloc, load, elapsed, pin_note, coldsnap_version, ncpu = sys.argv[1:]
+path, mib, rounds, half_alloc, load, elapsed, pin_note, coldsnap_version, ncpu, amictl_rev = sys.argv[1:]
 mib, rounds = int(mib), int(rounds)
 gib = mib / 1024
 rows = [line.rstrip("\n").split("\t") for line in open(path) if line.strip()]
@@ -272,7 +275,7 @@ for _, tool in runs:
     if tool not in tools:
         tools.append(tool)
 
-print(f"amictl vs {coldsnap_version}: image upload to moto on 127.0.0.1 (EBS direct APIs, 64 in flight each)")
+print(f"amictl ({amictl_rev}) vs {coldsnap_version}: image upload to moto on 127.0.0.1 (EBS direct APIs, 64 in flight each)")
 print(f"images: {mib} MiB raw ({gib:g} GiB); 'full' is random data; 'half-empty' alternates 1 MiB of random data")
 print(f"        and a 1 MiB hole ({half_alloc} MiB allocated on disk)")
 print(f"rounds: {rounds} per tool and image, tools alternating, a fresh moto for every upload")

@@ -314,3 +314,27 @@ fn a_mistyped_check_is_unknown_not_unhealthy() {
         .unwrap();
     assert_eq!(out.status.code(), Some(0));
 }
+
+#[test]
+fn check_watch_prints_one_line_per_check() {
+    let site = test_site();
+    let mut agent = Agent::spawn(&site, &[], &[]);
+    agent.wait_ready();
+    let mut watch = Command::new(agent_bin())
+        .args(["check", "--url", &agent.url(), "--watch", "1"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(2500));
+    let _ = watch.kill();
+    let out = watch.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines.len() >= 2, "{text}");
+    assert!(
+        lines
+            .iter()
+            .all(|l| l.contains("healthy: ") && l.contains("GMT")),
+        "{text}"
+    );
+}

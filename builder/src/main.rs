@@ -1,7 +1,29 @@
 use clap::Parser;
 
+/// Exit code for a command line clap rejected: 2, but 3 ("unknown") for `health`, whose
+/// 2 means "unhealthy" and must not be claimed by a typo in a monitoring job.
+fn usage_exit_code(err: &clap::Error) -> i32 {
+    use clap::error::ErrorKind;
+    if matches!(
+        err.kind(),
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion
+    ) {
+        return 0;
+    }
+    match std::env::args().nth(1).as_deref() {
+        Some("health") => 3,
+        _ => 2,
+    }
+}
+
 fn main() {
-    let cli = amictl::cmd::Cli::parse();
+    let cli = match amictl::cmd::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => {
+            let _ = err.print();
+            std::process::exit(usage_exit_code(&err));
+        }
+    };
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(&cli.log))
         .with_writer(std::io::stderr)

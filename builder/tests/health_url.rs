@@ -86,7 +86,8 @@ async fn checks_an_endpoint_from_outside() {
     assert_eq!(code, 2, "{stdout}");
     assert!(stdout.contains("does not answer"), "{stdout}");
 
-    // --fleet and --url do not mix; one of them is needed.
-    assert_eq!(health(&["--url", &url, "--fleet", "web"]).await.0, 2);
-    assert_eq!(health(&[]).await.0, 2);
+    // --fleet and --url do not mix; one of them is needed. A usage error is "unknown" (3):
+    // 2 would tell a monitoring job the service is unhealthy.
+    assert_eq!(health(&["--url", &url, "--fleet", "web"]).await.0, 3);
+    assert_eq!(health(&[]).await.0, 3);
 }

@@ -270,3 +270,31 @@ async fn crash_anywhere_then_resume_or_abort() {
     }
     assert!(runs > 30, "only {runs} crash runs");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_rollback_needs_attention_and_says_what_is_where() {
+    let cloud = v1_fleet(4).await;
+    cloud.set_faults(Faults {
+        bad_image: Some("ami-v2".into()),
+        fail_terminate: true,
+        ..Faults::default()
+    });
+    let err = run(&cloud, &settings("ami-v2", 1, false), "r-v2")
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(
+        matches!(
+            err,
+            amictl::rollout::engine::RolloutError::NeedsAttention { .. }
+        ),
+        "{text}"
+    );
+    assert!(text.contains("ec2:TerminateInstances"), "{text}");
+    // Every instance is listed with its role: the old ones are back in service.
+    assert!(
+        text.contains("launched by this rollout") && text.contains("in service"),
+        "{text}"
+    );
+    assert_eq!(cloud.violations(), Vec::<String>::new());
+}

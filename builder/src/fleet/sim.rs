@@ -31,6 +31,8 @@ pub struct Faults {
     pub alarm_from_call: Option<u64>,
     /// Freeze the world at this call (a crash of the rollout's process).
     pub crash_at_call: Option<u64>,
+    /// TerminateInstances fails (so a rollback cannot finish).
+    pub fail_terminate: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -265,6 +267,12 @@ impl Compute for SimCloud {
 
     async fn terminate(&self, ids: &[String]) -> Result<(), CloudError> {
         let mut w = self.enter()?;
+        if w.faults.fail_terminate {
+            return Err(CloudError::Denied {
+                action: "ec2:TerminateInstances",
+                message: "not authorized".into(),
+            });
+        }
         for id in ids {
             if let Some(n) = w.nodes.get_mut(id) {
                 n.inst.state = InstanceState::Terminated;
