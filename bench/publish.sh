@@ -155,6 +155,9 @@ start_moto() {
     [[ -s $TMP/port ]] || { cat "$TMP/moto.log" >&2; die "moto did not start within 120 s"; }
     MOTO_PORT=$(<"$TMP/port")
 }
+# CPU ticks (user+system) moto's process has used so far, and the seconds per tick.
+CLK_TCK=$(getconf CLK_TCK 2>/dev/null || echo 100)
+moto_ticks() { awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$MOTO_PID/stat"; }
 stop_moto() {
     stop_pid "$MOTO_PID"
     MOTO_PID=""
@@ -165,6 +168,8 @@ BLOCK=524288
 BLOCKS=$((MIB * 2)) # 512 KiB blocks per image
 FULL=$TMP/full.raw
 HALF=$TMP/half-empty.raw
+FREE_MIB=$(df -Pm "$TMP" | awk 'NR == 2 { print $4 }')
+((FREE_MIB > MIB * 2 + 256)) || die "$TMP has $FREE_MIB MiB free; the images need $((MIB * 2)) MiB (set TMPDIR or BENCH_MIB)"
 note "making the images ($MIB MiB each) in $TMP..."
 head -c "$((MIB * 1048576))" /dev/urandom >"$FULL"
 # Half-empty: 1 MiB of data, then a 1 MiB hole, and so on; the data is copied from the
@@ -190,7 +195,7 @@ RUN=0
 
 run_one() { # image-name file tool round expected-blocks
     local name=$1 file=$2 tool=$3 round=$4 expect=$5 cmd rc id line times nlines
-    local snap nblocks bsize state user sys wall
+    local snap nblocks bsize state user sys wall moto_before moto_cpu
     RUN=$((RUN + 1))
     start_moto
     export AWS_ENDPOINT_URL="http://127.0.0.1:$MOTO_PORT"
@@ -202,6 +207,7 @@ run_one() { # image-name file tool round expected-blocks
         coldsnap-omit) cmd=("$COLDSNAP" --endpoint "$AWS_ENDPOINT_URL" upload --no-progress --omit-zero-blocks "$file") ;;
     esac
     cat "$file" >/dev/null # both tools read from the page cache
+    moto_before=$(moto_ticks)
     rc=0
     timeout --kill-after=10 "$RUN_TIMEOUT" "${CLIENT_PIN[@]}" "$GNU_TIME" -f 'TIME %U %S %e' -o "$TMP/time" \
         "${cmd[@]}" >"$TMP/out" 2>"$TMP/err" </dev/null || rc=$?
@@ -219,6 +225,7 @@ run_one() { # image-name file tool round expected-blocks
         *) id=$(grep -E '^snap-[0-9a-f]+$' "$TMP/out" | tail -1 || true)
             [[ -n $id ]] || { cat "$TMP/out" "$TMP/err" >&2; die "$tool printed no snapshot id"; } ;;
     esac
+    moto_cpu=$(awk -v a="$moto_before" -v b="$(moto_ticks)" -v t="$CLK_TCK" 'BEGIN { printf "%.2f", (b - a) / t }')
     times=$(grep '^TIME ' "$TMP/time" | tail -1)
     [[ -n $times ]] || die "no timing for $tool: $(cat "$TMP/time")"
     # The snapshot must hold exactly the blocks this tool was meant to send.
@@ -229,9 +236,9 @@ run_one() { # image-name file tool round expected-blocks
     [[ $state == completed ]] || die "$tool: $snap is $state, not completed"
     stop_moto
     read -r _ user sys wall <<<"$times"
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$tool" "$round" "$user" "$sys" "$wall" "$id" "$nblocks" >>"$RESULTS"
-    note "  $(printf '%-10s %-13s round %d: user %5.2f s  sys %5.2f s  wall %6.2f s  %s (%s blocks)' \
-        "$name" "$tool" "$round" "$user" "$sys" "$wall" "$id" "$nblocks")"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$tool" "$round" "$user" "$sys" "$wall" "$id" "$nblocks" "$moto_cpu" >>"$RESULTS"
+    note "  $(printf '%-10s %-13s round %d: user %5.2f s  sys %5.2f s  wall %6.2f s  moto %5.2f s  %s (%s blocks)' \
+        "$name" "$tool" "$round" "$user" "$sys" "$wall" "$moto_cpu" "$id" "$nblocks")"
 }
 
 # ---------------------------------------------------------------- run
@@ -266,9 +273,9 @@ gib = mib / 1024
 rows = [line.rstrip("\n").split("\t") for line in open(path) if line.strip()]
 
 runs = {}
-for image, tool, rnd, user, sys_, wall, ident, blocks in rows:
+for image, tool, rnd, user, sys_, wall, ident, blocks, moto in rows:
     cpu = float(user) + float(sys_)
-    runs.setdefault((image, tool), []).append((cpu / gib, float(wall), int(blocks)))
+    runs.setdefault((image, tool), []).append((cpu / gib, float(wall), int(blocks), float(moto)))
 
 tools = []
 for _, tool in runs:
@@ -280,21 +287,23 @@ print(f"images: {mib} MiB raw ({gib:g} GiB); 'full' is random data; 'half-empty'
 print(f"        and a 1 MiB hole ({half_alloc} MiB allocated on disk)")
 print(f"rounds: {rounds} per tool and image, tools alternating, a fresh moto for every upload")
 print(f"cpu: {pin_note}; {ncpu} CPUs, load average {load} at start")
-print("CPU = user+sys of the uploader process only (moto's CPU is not counted), per GiB of image size")
+print("CPU = user+sys of the uploader process only, per GiB of image size; moto's CPU is not in it (its")
+print("      median per upload is in the last column, for reading the wall times)")
 print()
 
 w = max(12, 9 * rounds)
-head = f"{'image':<11}{'tool':<14}{'blocks':>7}  {'CPU s/GiB per round':<{w}}{'median':>8}   {'wall s per round':<{w}}{'median':>8}"
+head = f"{'image':<11}{'tool':<14}{'blocks':>7}  {'CPU s/GiB per round':<{w}}{'median':>8}   {'wall s per round':<{w}}{'median':>8}  {'moto CPU s':>10}"
 print(head)
 print("-" * len(head))
 med = {}
 for (image, tool), rs in runs.items():
-    cpus = [c for c, _, _ in rs]
-    walls = [w_ for _, w_, _ in rs]
+    cpus = [r[0] for r in rs]
+    walls = [r[1] for r in rs]
+    moto = statistics.median(r[3] for r in rs)
     med[(image, tool)] = (statistics.median(cpus), statistics.median(walls))
     cpu_s = " ".join(f"{c:8.3f}" for c in cpus)
     wall_s = " ".join(f"{x:8.2f}" for x in walls)
-    print(f"{image:<11}{tool:<14}{rs[0][2]:>7}  {cpu_s:<{w}}{med[(image, tool)][0]:>8.3f}   {wall_s:<{w}}{med[(image, tool)][1]:>8.2f}")
+    print(f"{image:<11}{tool:<14}{rs[0][2]:>7}  {cpu_s:<{w}}{med[(image, tool)][0]:>8.3f}   {wall_s:<{w}}{med[(image, tool)][1]:>8.2f}  {moto:>10.2f}")
 print()
 
 def ratio(image, other="coldsnap"):

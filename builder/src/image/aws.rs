@@ -145,7 +145,8 @@ impl SnapshotStore for AwsImages {
     }
 }
 
-fn record(image: &aws_sdk_ec2::types::Image) -> AmiRecord {
+/// An AMI as DescribeImages reports it, in amictl's terms.
+pub(crate) fn record(image: &aws_sdk_ec2::types::Image) -> AmiRecord {
     AmiRecord {
         id: image.image_id().unwrap_or_default().to_owned(),
         name: image.name().unwrap_or_default().to_owned(),

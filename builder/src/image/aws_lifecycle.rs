@@ -14,7 +14,6 @@ use crate::aws::{classify, AwsError};
 
 use super::aws::AwsImages;
 use super::lifecycle::{AmiDetails, CopyRequest, ImageLifecycle};
-use super::publish::AmiRecord;
 
 /// Instances in these states hold on to their AMI (a stopped one can start again).
 const LIVE_STATES: [&str; 4] = ["pending", "running", "stopping", "stopped"];
@@ -23,31 +22,7 @@ const IDS_PER_CALL: usize = 100;
 
 fn details(image: &aws_sdk_ec2::types::Image) -> AmiDetails {
     AmiDetails {
-        record: AmiRecord {
-            id: image.image_id().unwrap_or_default().to_owned(),
-            name: image.name().unwrap_or_default().to_owned(),
-            state: image
-                .state()
-                .map(|s| s.as_str().to_owned())
-                .unwrap_or_default(),
-            tags: image
-                .tags()
-                .iter()
-                .map(|t| {
-                    (
-                        t.key().unwrap_or_default().to_owned(),
-                        t.value().unwrap_or_default().to_owned(),
-                    )
-                })
-                .collect(),
-            snapshot_ids: image
-                .block_device_mappings()
-                .iter()
-                .filter_map(|m| m.ebs().and_then(|e| e.snapshot_id()).map(str::to_owned))
-                .collect(),
-            created: image.creation_date().unwrap_or_default().to_owned(),
-            public: image.public().unwrap_or(false),
-        },
+        record: super::aws::record(image),
         deprecation_time: image.deprecation_time().map(str::to_owned),
     }
 }
