@@ -115,6 +115,7 @@ command -v taskset >/dev/null || { CLIENT_PIN=(); MOTO_PIN=(); PIN_NOTE="nothing
 # ---------------------------------------------------------------- cleanup
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/amictl-publish-bench.XXXXXX")
 MOTO_PID=""
+UPLOAD_PID=""
 
 stop_pid() { # pid: TERM, wait up to 10 s, then KILL
     local pid=$1 i
@@ -130,6 +131,7 @@ stop_pid() { # pid: TERM, wait up to 10 s, then KILL
 
 cleanup() {
     set +e
+    stop_pid "$UPLOAD_PID" # timeout passes the signal on to the uploader
     stop_pid "$MOTO_PID"
     MOTO_PID=""
     rm -rf "$TMP"
@@ -209,8 +211,13 @@ run_one() { # image-name file tool round expected-blocks
     cat "$file" >/dev/null # both tools read from the page cache
     moto_before=$(moto_ticks)
     rc=0
+    # In the background, so that an interrupt reaches the trap at once (bash runs traps
+    # only between commands, and `wait` is one it can leave).
     timeout --kill-after=10 "$RUN_TIMEOUT" "${CLIENT_PIN[@]}" "$GNU_TIME" -f 'TIME %U %S %e' -o "$TMP/time" \
-        "${cmd[@]}" >"$TMP/out" 2>"$TMP/err" </dev/null || rc=$?
+        "${cmd[@]}" >"$TMP/out" 2>"$TMP/err" </dev/null &
+    UPLOAD_PID=$!
+    wait "$UPLOAD_PID" || rc=$?
+    UPLOAD_PID=""
     if ((rc != 0)); then
         tail -20 "$TMP/err" >&2
         ((rc == 124)) && die "$tool on the $name image (round $round) timed out after $RUN_TIMEOUT s"
