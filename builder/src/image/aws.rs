@@ -174,8 +174,25 @@ pub(crate) fn record(image: &aws_sdk_ec2::types::Image) -> AmiRecord {
     }
 }
 
+/// DescribeImages filters for "carries every one of these tags".
+pub(crate) fn tag_filters(tags: &[(&str, &str)]) -> Vec<Filter> {
+    tags.iter()
+        .map(|(k, v)| {
+            Filter::builder()
+                .name(format!("tag:{k}"))
+                .values(*v)
+                .build()
+        })
+        .collect()
+}
+
 impl AwsImages {
-    async fn describe(&self, filters: Vec<Filter>) -> Result<Vec<AmiRecord>, AwsError> {
+    /// This account's AMIs matching `filters`, every page, each mapped by `map`.
+    pub(crate) async fn describe_own<T>(
+        &self,
+        filters: Vec<Filter>,
+        map: fn(&aws_sdk_ec2::types::Image) -> T,
+    ) -> Result<Vec<T>, AwsError> {
         let mut out = Vec::new();
         let mut pages = self
             .ec2
@@ -186,7 +203,7 @@ impl AwsImages {
             .send();
         while let Some(page) = pages.next().await {
             let page = page.map_err(|e| classify("ec2:DescribeImages", e))?;
-            out.extend(page.images().iter().map(record));
+            out.extend(page.images().iter().map(map));
         }
         Ok(out)
     }
@@ -194,21 +211,15 @@ impl AwsImages {
 
 impl ImageRegistry for AwsImages {
     async fn find(&self, tags: &[(&str, &str)]) -> Result<Vec<AmiRecord>, AwsError> {
-        let filters = tags
-            .iter()
-            .map(|(k, v)| {
-                Filter::builder()
-                    .name(format!("tag:{k}"))
-                    .values(*v)
-                    .build()
-            })
-            .collect();
-        self.describe(filters).await
+        self.describe_own(tag_filters(tags), record).await
     }
 
     async fn find_by_name(&self, name: &str) -> Result<Option<AmiRecord>, AwsError> {
         let found = self
-            .describe(vec![Filter::builder().name("name").values(name).build()])
+            .describe_own(
+                vec![Filter::builder().name("name").values(name).build()],
+                record,
+            )
             .await?;
         Ok(found.into_iter().next())
     }

@@ -12,7 +12,7 @@ use aws_sdk_ec2::types::{
 
 use crate::aws::{classify, AwsError};
 
-use super::aws::AwsImages;
+use super::aws::{tag_filters, AwsImages};
 use super::lifecycle::{AmiDetails, CopyRequest, ImageLifecycle};
 
 /// Instances in these states hold on to their AMI (a stopped one can start again).
@@ -64,28 +64,7 @@ impl ImageLifecycle for AwsImages {
     }
 
     async fn list(&self, tags: &[(&str, &str)]) -> Result<Vec<AmiDetails>, AwsError> {
-        let filters = tags
-            .iter()
-            .map(|(k, v)| {
-                Filter::builder()
-                    .name(format!("tag:{k}"))
-                    .values(*v)
-                    .build()
-            })
-            .collect();
-        let mut out = Vec::new();
-        let mut pages = self
-            .ec2
-            .describe_images()
-            .owners("self")
-            .set_filters(Some(filters))
-            .into_paginator()
-            .send();
-        while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| classify("ec2:DescribeImages", e))?;
-            out.extend(page.images().iter().map(details));
-        }
-        Ok(out)
+        self.describe_own(tag_filters(tags), details).await
     }
 
     async fn deprecate(&self, ami_id: &str, at: SystemTime) -> Result<(), AwsError> {

@@ -273,6 +273,16 @@ pub async fn publish<S: SnapshotStore, R: ImageRegistry, U: Uploader>(
         c.put(&image.path, &uploaded.digest);
     }
     let snapshot_id = uploaded.snapshot_id.clone();
+    // Every failure from here on deletes this run's snapshot (or keeps it, as asked).
+    let drop_snapshot = || {
+        clean_up(
+            store,
+            registry,
+            None,
+            Some(&snapshot_id),
+            opts.keep_on_failure,
+        )
+    };
     info!(%snapshot_id, digest = %uploaded.digest, blocks = uploaded.blocks_uploaded, "snapshot completed");
 
     // The same content under another path (or a race with another publish).
@@ -288,14 +298,7 @@ pub async fn publish<S: SnapshotStore, R: ImageRegistry, U: Uploader>(
         }
         Ok(None) => {}
         Err(e) => {
-            let cleanup = clean_up(
-                store,
-                registry,
-                None,
-                Some(&snapshot_id),
-                opts.keep_on_failure,
-            )
-            .await;
+            let cleanup = drop_snapshot().await;
             return Err(PublishError::Tag {
                 what: "(lookup)".into(),
                 cause: e,
@@ -315,29 +318,15 @@ pub async fn publish<S: SnapshotStore, R: ImageRegistry, U: Uploader>(
         .tag(std::slice::from_ref(&snapshot_id), &spec.tags)
         .await
     {
-        let cleanup = clean_up(
-            store,
-            registry,
-            None,
-            Some(&snapshot_id),
-            opts.keep_on_failure,
-        )
-        .await;
+        let cleanup = drop_snapshot().await;
         return Err(PublishError::Tag {
-            what: snapshot_id,
+            what: snapshot_id.clone(),
             cause: source,
             cleanup,
         });
     }
     if cancel.is_cancelled() {
-        let cleanup = clean_up(
-            store,
-            registry,
-            None,
-            Some(&snapshot_id),
-            opts.keep_on_failure,
-        )
-        .await;
+        let cleanup = drop_snapshot().await;
         return Err(PublishError::Interrupted { cleanup });
     }
 
@@ -345,14 +334,7 @@ pub async fn publish<S: SnapshotStore, R: ImageRegistry, U: Uploader>(
         Ok(id) => id,
         Err(RegisterError::DuplicateName(name)) => {
             let existing = registry.find_by_name(&name).await.ok().flatten();
-            let cleanup = clean_up(
-                store,
-                registry,
-                None,
-                Some(&snapshot_id),
-                opts.keep_on_failure,
-            )
-            .await;
+            let cleanup = drop_snapshot().await;
             return match existing {
                 Some(ami) if ami.tag(TAG_DIGEST) == Some(digest_tag(&uploaded.digest).as_str()) => {
                     Ok(Outcome::Existing {
@@ -373,14 +355,7 @@ pub async fn publish<S: SnapshotStore, R: ImageRegistry, U: Uploader>(
             };
         }
         Err(source) => {
-            let cleanup = clean_up(
-                store,
-                registry,
-                None,
-                Some(&snapshot_id),
-                opts.keep_on_failure,
-            )
-            .await;
+            let cleanup = drop_snapshot().await;
             return Err(PublishError::Register {
                 cause: source,
                 cleanup,
