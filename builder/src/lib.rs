@@ -8,5 +8,6 @@ pub mod aws;
 pub mod cmd;
 pub mod fleet;
 pub mod image;
+pub mod local;
 pub mod rollout;
 pub mod ssm;

@@ -18,7 +18,7 @@ use aws_sdk_ec2::types::{
     BlockDeviceMapping, EbsBlockDevice, HttpTokensState, InstanceMetadataEndpointState,
     ResourceType, Tag, TagSpecification, VolumeType,
 };
-use common::moto::Moto;
+use common::moto::{vpc_with_two_azs, Moto};
 
 struct World {
     ec2: aws_sdk_ec2::Client,
@@ -31,35 +31,11 @@ struct World {
 async fn world(moto: &Moto) -> World {
     let config = moto.sdk_config().await;
     let ec2 = aws_sdk_ec2::Client::new(&config);
-    let vpc = ec2
-        .create_vpc()
-        .cidr_block("10.42.0.0/16")
-        .send()
-        .await
-        .unwrap()
-        .vpc
-        .unwrap()
-        .vpc_id
-        .unwrap();
-    let mut placements = Vec::new();
-    for (i, az) in ["us-east-1a", "us-east-1b"].into_iter().enumerate() {
-        let subnet = ec2
-            .create_subnet()
-            .vpc_id(&vpc)
-            .availability_zone(az)
-            .cidr_block(format!("10.42.{i}.0/24"))
-            .send()
-            .await
-            .unwrap()
-            .subnet
-            .unwrap()
-            .subnet_id
-            .unwrap();
-        placements.push(Placement {
-            az: az.into(),
-            subnet,
-        });
-    }
+    let (vpc, subnets) = vpc_with_two_azs(&ec2, 42).await;
+    let placements: Vec<Placement> = subnets
+        .into_iter()
+        .map(|(az, subnet)| Placement { az, subnet })
+        .collect();
     let sg = ec2
         .create_security_group()
         .group_name("web")

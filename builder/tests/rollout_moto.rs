@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::moto::Moto;
+use common::moto::{vpc_with_two_azs, Moto};
 
 struct Setup {
     subnets: String,
@@ -18,28 +18,8 @@ async fn setup(moto: &Moto) -> Setup {
     let config = moto.sdk_config().await;
     let ec2 = aws_sdk_ec2::Client::new(&config);
     let elb = aws_sdk_elasticloadbalancingv2::Client::new(&config);
-    let vpc = ec2
-        .create_vpc()
-        .cidr_block("10.9.0.0/16")
-        .send()
-        .await
-        .unwrap()
-        .vpc
-        .unwrap()
-        .vpc_id
-        .unwrap();
-    let mut subnets = Vec::new();
-    for (i, az) in ["us-east-1a", "us-east-1b"].iter().enumerate() {
-        let s = ec2
-            .create_subnet()
-            .vpc_id(&vpc)
-            .cidr_block(format!("10.9.{}.0/24", i + 1))
-            .availability_zone(*az)
-            .send()
-            .await
-            .unwrap();
-        subnets.push(s.subnet.unwrap().subnet_id.unwrap());
-    }
+    let (vpc, subnets) = vpc_with_two_azs(&ec2, 9).await;
+    let subnets: Vec<String> = subnets.into_iter().map(|(_, subnet)| subnet).collect();
     let sg = ec2
         .create_security_group()
         .group_name("web")

@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::cmd::health::running;
+use crate::cmd::Provider;
 use crate::fleet::drift::{assess, exit_code, render, InstanceDrift, DEFAULT_DRIFT_COMMAND};
 use crate::fleet::ec2::{Ec2Compute, Ec2LaunchSettings};
 use crate::fleet::health::DEFAULT_HEALTH_COMMAND;
@@ -18,7 +19,10 @@ pub struct Args {
     /// The fleet: instances tagged amictl:fleet=NAME.
     #[arg(long)]
     pub fleet: String,
-    /// The AMI every instance should run.
+    /// Where the fleet runs: AWS, or `ami-agent` processes on this machine.
+    #[arg(long, value_enum, env = "AMICTL_PROVIDER", default_value_t)]
+    pub provider: Provider,
+    /// The AMI every instance should run (local: the release; default: the fleet's).
     #[arg(long)]
     pub ami: Option<String>,
     /// JSON instead of a table.
@@ -31,11 +35,12 @@ pub struct Args {
     #[arg(long, value_name = "SECS", default_value_t = 2)]
     pub max_clock_drift: i64,
     /// The clock measurement run on each instance (one integer on stdout).
-    #[arg(long, env = "AMICTL_DRIFT_COMMAND", default_value = DEFAULT_DRIFT_COMMAND)]
-    pub drift_command: String,
+    /// [default: `ami-agent drift` where NixOS puts it, or next to amictl locally]
+    #[arg(long, env = "AMICTL_DRIFT_COMMAND")]
+    pub drift_command: Option<String>,
     /// The health check run on each instance (its JSON report gives the content drift).
-    #[arg(long, env = "AMICTL_HEALTH_COMMAND", default_value = DEFAULT_HEALTH_COMMAND)]
-    pub health_command: String,
+    #[arg(long, env = "AMICTL_HEALTH_COMMAND")]
+    pub health_command: Option<String>,
     /// Seconds the commands may run on the instances.
     #[arg(long, value_name = "SECS", default_value_t = 60)]
     pub timeout: u64,
@@ -49,16 +54,53 @@ struct Output<'a> {
     instances: &'a [InstanceDrift],
 }
 
-pub async fn run(args: Args) -> anyhow::Result<i32> {
+pub async fn run(mut args: Args) -> anyhow::Result<i32> {
+    match args.provider {
+        Provider::Aws => {
+            let config = crate::aws::load(args.region.as_deref()).await?;
+            let compute = Ec2Compute::new(&config, Ec2LaunchSettings::default());
+            let runner = SsmRunCommand::new(&config);
+            let drift = args
+                .drift_command
+                .clone()
+                .unwrap_or_else(|| DEFAULT_DRIFT_COMMAND.into());
+            let health = args
+                .health_command
+                .clone()
+                .unwrap_or_else(|| DEFAULT_HEALTH_COMMAND.into());
+            survey(&args, &compute, &runner, &drift, &health).await
+        }
+        Provider::Local => {
+            let store = crate::local::Store::open(&args.fleet)?;
+            let state = store.load()?;
+            if args.ami.is_none() {
+                args.ami = state.image.clone();
+            }
+            let drift = args
+                .drift_command
+                .clone()
+                .unwrap_or_else(|| crate::local::LOCAL_DRIFT_COMMAND.into());
+            let health = args.health_command.clone().unwrap_or(state.health_command);
+            let compute = crate::local::LocalCompute::new(store.clone());
+            let runner = crate::local::LocalRunCommand { store };
+            survey(&args, &compute, &runner, &drift, &health).await
+        }
+    }
+}
+
+async fn survey<C: Compute, R: RunCommand>(
+    args: &Args,
+    compute: &C,
+    runner: &R,
+    drift_command: &str,
+    health_command: &str,
+) -> anyhow::Result<i32> {
     let timeout = Duration::from_secs(args.timeout.max(1));
-    let config = crate::aws::load(args.region.as_deref()).await?;
-    let compute = Ec2Compute::new(&config, Ec2LaunchSettings::default());
     let instances = running(compute.instances(&args.fleet).await?, &args.fleet);
-    let runner = SsmRunCommand::new(&config);
     let ids: Vec<String> = instances.iter().map(|i| i.id.clone()).collect();
     let (clocks, checks) = tokio::try_join!(
-        runner.run(&ids, &args.drift_command, timeout),
-        runner.run(&ids, &args.health_command, timeout),
+        runner.run(&ids, drift_command, timeout),
+        runner.run(&ids, health_command, timeout),
     )?;
     let missing = Invocation::Unreachable {
         reason: "no answer from Run Command".into(),

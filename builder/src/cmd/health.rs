@@ -11,6 +11,7 @@ use ami_agent::probe::{check_url, Url};
 use serde::Serialize;
 use tracing::info;
 
+use crate::cmd::Provider;
 use crate::fleet::ec2::{Ec2Compute, Ec2LaunchSettings};
 use crate::fleet::health::{
     check, heal, render, render_heals, worst, AgentReport, Heal, InstanceHealth, Verdict,
@@ -24,7 +25,11 @@ pub struct Args {
     /// The fleet: instances tagged amictl:fleet=NAME.
     #[arg(long, required_unless_present = "url", conflicts_with = "url")]
     pub fleet: Option<String>,
-    /// Restart the agent on unhealthy instances, then check them again.
+    /// Where the fleet runs: AWS, or `ami-agent` processes on this machine.
+    #[arg(long, value_enum, env = "AMICTL_PROVIDER", default_value_t)]
+    pub provider: Provider,
+    /// Restart the agent on unhealthy instances, then check them again (local: replace
+    /// unhealthy and down instances).
     #[arg(long, conflicts_with = "url")]
     pub heal: bool,
     /// JSON instead of a table.
@@ -41,8 +46,9 @@ pub struct Args {
     pub region: Option<String>,
     /// The command run on each instance; its exit code is the verdict, its JSON report
     /// (`ami-agent check --json`) adds detail.
-    #[arg(long, env = "AMICTL_HEALTH_COMMAND", default_value = DEFAULT_HEALTH_COMMAND)]
-    pub health_command: String,
+    /// [default: the agent's check where NixOS puts it; local: the fleet's own]
+    #[arg(long, env = "AMICTL_HEALTH_COMMAND")]
+    pub health_command: Option<String>,
     /// Seconds the command may run on the instances (with --url: each request).
     #[arg(long, value_name = "SECS", default_value_t = 60)]
     pub timeout: u64,
@@ -63,33 +69,30 @@ struct Output<'a> {
 
 pub async fn run(args: Args) -> anyhow::Result<i32> {
     let timeout = Duration::from_secs(args.timeout.max(1));
-    let (rows, heals) = match (&args.url, &args.fleet) {
-        (Some(url), _) => (vec![probe(url, &args, timeout).await], None),
-        (None, Some(fleet)) => {
+    let (rows, heals) = match (&args.url, &args.fleet, args.provider) {
+        (Some(url), _, _) => (vec![probe(url, &args, timeout).await], None),
+        (None, Some(fleet), Provider::Aws) => {
             let config = crate::aws::load(args.region.as_deref()).await?;
             let compute = Ec2Compute::new(&config, Ec2LaunchSettings::default());
-            let running = running(compute.instances(fleet).await?, fleet);
+            let all = compute.instances(fleet).await?;
             let runner = SsmRunCommand::new(&config);
-            let mut rows = check(&runner, &running, &args.health_command, timeout).await?;
+            let command = args
+                .health_command
+                .clone()
+                .unwrap_or_else(|| DEFAULT_HEALTH_COMMAND.into());
+            let running = running(all.clone(), fleet);
+            let mut rows = check(&runner, &running, &command, timeout).await?;
+            rows.extend(down_rows(&all));
             let heals = if args.heal {
                 let settle = Duration::from_secs(args.heal_wait);
-                Some(
-                    heal(
-                        &runner,
-                        &running,
-                        &mut rows,
-                        &args.health_command,
-                        timeout,
-                        settle,
-                    )
-                    .await?,
-                )
+                Some(heal(&runner, &running, &mut rows, &command, timeout, settle).await?)
             } else {
                 None
             };
             (rows, heals)
         }
-        (None, None) => anyhow::bail!("--fleet NAME or --url URL is required"),
+        (None, Some(fleet), Provider::Local) => local(fleet, &args, timeout).await?,
+        (None, None, _) => anyhow::bail!("--fleet NAME or --url URL is required"),
     };
     let status = worst(&rows);
     if args.json {
@@ -109,6 +112,108 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
         }
     }
     Ok(status.exit_code())
+}
+
+/// Rows for the instances that are down: no command reaches them, and they are a fault.
+fn down_rows(all: &[Instance]) -> Vec<InstanceHealth> {
+    all.iter()
+        .filter(|i| i.state == InstanceState::Down)
+        .map(crate::fleet::health::down)
+        .collect()
+}
+
+/// The local fleet: the same check run here; `--heal` replaces what is unhealthy or down
+/// through the rollout engine, then checks the fleet again.
+async fn local(
+    fleet: &str,
+    args: &Args,
+    timeout: Duration,
+) -> anyhow::Result<(Vec<InstanceHealth>, Option<Vec<Heal>>)> {
+    let store = crate::local::Store::open(fleet)?;
+    let state = store.load()?;
+    let command = args.health_command.clone().unwrap_or(state.health_command);
+    let compute = crate::local::LocalCompute::new(store.clone());
+    let runner = crate::local::LocalRunCommand {
+        store: store.clone(),
+    };
+    let lb = crate::local::LocalBalancer::new(store.clone());
+    let survey = || async {
+        let all = compute.instances(fleet).await?;
+        let mut rows = check(&runner, &running(all.clone(), fleet), &command, timeout).await?;
+        rows.extend(down_rows(&all));
+        if !crate::local::balancer::is_running(&store.balancer_dir()) {
+            // Every instance may be fine, but nothing reaches them.
+            rows.push(InstanceHealth {
+                instance_id: "load-balancer".into(),
+                az: "-".into(),
+                image: "-".into(),
+                status: Verdict::Unhealthy,
+                outcome: "down",
+                exit_code: None,
+                detail: Some(format!(
+                    "not running: the fleet's URL http://{}/ does not answer",
+                    state.listen
+                )),
+                report: None,
+            });
+        }
+        Ok::<_, anyhow::Error>(rows)
+    };
+    let rows = survey().await?;
+    if !args.heal {
+        return Ok((rows, None));
+    }
+    let mut heals = Vec::new();
+    if let Some(row) = rows.iter().find(|r| r.instance_id == "load-balancer") {
+        let restart = match lb.ensure_running().await {
+            Ok(()) => "restarted".to_owned(),
+            Err(e) => format!("restart failed: {e}"),
+        };
+        heals.push(Heal {
+            instance_id: row.instance_id.clone(),
+            before: row.status,
+            after: None,
+            restart,
+        });
+    }
+    let rows: Vec<InstanceHealth> = rows
+        .into_iter()
+        .filter(|r| r.instance_id != "load-balancer")
+        .collect();
+    let sick: Vec<&InstanceHealth> = rows
+        .iter()
+        .filter(|r| r.status == Verdict::Unhealthy)
+        .collect();
+    if !sick.is_empty() {
+        let running_sick: Vec<String> = sick
+            .iter()
+            .filter(|r| r.outcome != "down")
+            .map(|r| r.instance_id.clone())
+            .collect();
+        let replaced = match crate::local::replace(&store, &running_sick).await {
+            Ok(crate::rollout::engine::Outcome::Done { launched, .. }) => {
+                format!("replaced ({launched} launched)")
+            }
+            Ok(crate::rollout::engine::Outcome::RolledBack { reason }) => {
+                format!("replacement failed: {reason}")
+            }
+            Err(e) => format!("replacement failed: {e:#}"),
+        };
+        heals.extend(sick.iter().map(|r| Heal {
+            instance_id: r.instance_id.clone(),
+            before: r.status,
+            after: None,
+            restart: replaced.clone(),
+        }));
+    }
+    // A replaced instance has no row any more: its "after" is the fleet's.
+    let after = survey().await?;
+    let fleet_verdict = worst(&after);
+    for h in &mut heals {
+        let row = after.iter().find(|a| a.instance_id == h.instance_id);
+        h.after = Some(row.map_or(fleet_verdict, |a| a.status));
+    }
+    Ok((after, Some(heals)))
 }
 
 /// The running instances; the others are mentioned, not checked.

@@ -3,9 +3,11 @@
 use clap::{Parser, Subcommand};
 
 pub mod archive;
+pub mod destroy;
 pub mod drift;
 pub mod health;
 pub mod image;
+pub mod local_balancer;
 pub mod rollout;
 
 #[derive(Debug, Parser)]
@@ -29,13 +31,28 @@ pub enum Command {
     Archive(archive::Args),
     /// Publish NixOS images as AMIs.
     Image(image::Args),
-    /// Check a fleet's instances (through SSM) or an endpoint: exit 0 healthy,
-    /// 1 degraded, 2 unhealthy, 3 unknown.
-    /// Replace (or create) a fleet across AZs, gated by SSM health checks.
+    /// Replace (or create) a fleet across AZs, gated by health checks.
     Rollout(rollout::Args),
+    /// Check a fleet's instances (through SSM, or locally) or an endpoint: exit 0 healthy,
+    /// 1 degraded, 2 unhealthy, 3 unknown.
     Health(health::Args),
     /// Clock, content and AMI drift of a fleet's instances: exit 1 when anything drifts.
     Drift(drift::Args),
+    /// Stop and remove a whole fleet (terminate its instances).
+    Destroy(destroy::Args),
+    /// The local fleet's load balancer (started by `rollout --provider local`).
+    #[command(hide = true)]
+    LocalBalancer(local_balancer::Args),
+}
+
+/// Where a fleet lives.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Provider {
+    /// EC2 instances, SSM Run Command, an ALB target group, CloudWatch alarms.
+    #[default]
+    Aws,
+    /// `ami-agent serve` processes on this machine behind a local load balancer.
+    Local,
 }
 
 impl Cli {
@@ -46,6 +63,8 @@ impl Cli {
             Command::Rollout(args) => rollout::run(args).await,
             Command::Health(args) => health::run(args).await,
             Command::Drift(args) => drift::run(args).await,
+            Command::Destroy(args) => destroy::run(args).await,
+            Command::LocalBalancer(args) => local_balancer::run(args).await,
         }
     }
 }

@@ -8,9 +8,12 @@ use std::time::Duration;
 use anyhow::Context;
 use tracing::{info, warn};
 
+use crate::cmd::Provider;
 use crate::fleet::ec2::{spec_digest, Ec2Compute, Ec2LaunchSettings};
 use crate::fleet::elb::{CloudWatchAlarms, TargetGroup};
-use crate::fleet::{Compute, LoadBalancer, Placement};
+use crate::fleet::{Alarms, Compute, LoadBalancer, Placement, RunCommand};
+use crate::local::state::FleetState;
+use crate::local::{LocalBalancer, LocalCompute, LocalRunCommand, NoAlarms, Store, Tuning};
 use crate::rollout::config::{merge, ConfigFile, FleetConfig, FleetFile};
 use crate::rollout::engine::{Effects, Engine, Outcome, RolloutError, Settings};
 use crate::rollout::journal::{new_id, resolve, Entry, Journal, Resolution, State};
@@ -22,9 +25,24 @@ pub struct Args {
     /// The fleet: the instances tagged amictl:fleet=NAME.
     #[arg(long)]
     pub fleet: String,
+    /// Where the fleet runs: AWS, or `ami-agent` processes on this machine.
+    #[arg(long, value_enum, env = "AMICTL_PROVIDER", default_value_t)]
+    pub provider: Provider,
     /// The AMI to roll the fleet onto.
     #[arg(long)]
     pub ami: Option<String>,
+    /// Local: the site to serve (the local fleet's "image").
+    #[arg(long, required_if_eq("provider", "local"), conflicts_with = "ami")]
+    pub content: Option<PathBuf>,
+    /// Local: the release manifest the content must match (`ami-agent manifest`).
+    #[arg(long, requires = "content")]
+    pub manifest: Option<PathBuf>,
+    /// Local: the ami-agent binary [default: next to amictl, else on PATH].
+    #[arg(long)]
+    pub agent: Option<PathBuf>,
+    /// Local: the fleet's address, fixed when the fleet is created.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: std::net::SocketAddr,
     /// Instances in each availability zone.
     #[arg(long)]
     pub per_az: Option<usize>,
@@ -79,6 +97,13 @@ pub struct Args {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<i32> {
+    match args.provider {
+        Provider::Aws => run_aws(args).await,
+        Provider::Local => run_local(args).await,
+    }
+}
+
+async fn run_aws(args: Args) -> anyhow::Result<i32> {
     let file = ConfigFile::load(&args.config)?;
     let cli = FleetFile {
         ami: args.ami.clone(),
@@ -139,17 +164,43 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
     });
     let settings = settings(&args, &fleet, placements, &launch);
 
-    let journal = Journal::default_location();
+    let fx = Effects {
+        compute: &compute,
+        run: &ssm,
+        lb: lb.as_ref(),
+        alarms: &alarms,
+    };
+    drive(&args, fx, &settings, Journal::default_location()).await
+}
+
+/// The rollout of `settings` through `fx`, whatever the provider: resume or start, run or
+/// abort, keep the journal, and print the fleet's URL last on stdout.
+async fn drive<C: Compute, R: RunCommand, L: LoadBalancer, A: Alarms>(
+    args: &Args,
+    fx: Effects<'_, C, R, L, A>,
+    settings: &Settings,
+    journal: Option<Journal>,
+) -> anyhow::Result<i32> {
+    let image = settings.desired.image.clone();
+    let compute = fx.compute;
+    let lb = fx.lb;
     let current = compute.instances(&args.fleet).await?;
     let entry = journal.as_ref().and_then(|j| j.load(&args.fleet));
-    let rollout = match resolve(entry.as_ref(), &current, &fleet.ami) {
+    let rollout = match resolve(entry.as_ref(), &current, &image) {
         Resolution::Resume(id) => {
             info!(rollout = %id, "resuming the unfinished rollout");
             id
         }
-        Resolution::Conflict { rollout, image } if !args.abort => {
+        Resolution::Conflict {
+            rollout,
+            image: other,
+        } if !args.abort => {
+            let again = match args.provider {
+                Provider::Aws => format!("--ami {other}"),
+                Provider::Local => format!("the --content of release {other}"),
+            };
             eprintln!(
-                "error: rollout {rollout} of fleet {} to {image} is unfinished: resume it with --ami {image}, or roll it back with --abort",
+                "error: rollout {rollout} of fleet {} to {other} is unfinished: resume it with {again}, or roll it back with --abort",
                 args.fleet
             );
             return Ok(2);
@@ -164,13 +215,7 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
         }
         Resolution::New => new_id(crate::rollout::now_unix()),
     };
-    let fx = Effects {
-        compute: &compute,
-        run: &ssm,
-        lb: lb.as_ref(),
-        alarms: &alarms,
-    };
-    let engine = Engine::new(fx, &settings, &rollout);
+    let engine = Engine::new(fx, settings, &rollout);
     if args.dry_run {
         let plan = engine.plan().await?;
         eprintln!("{plan:#?}");
@@ -181,7 +226,7 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
             let e = Entry {
                 rollout: rollout.clone(),
                 fleet: args.fleet.clone(),
-                image: fleet.ami.clone(),
+                image: image.clone(),
                 started_unix: entry
                     .as_ref()
                     .map(|e| e.started_unix)
@@ -221,14 +266,11 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
         }) => {
             save(State::Done);
             if unchanged {
-                eprintln!(
-                    "fleet {} is already on {}: nothing to do",
-                    args.fleet, fleet.ami
-                );
+                eprintln!("fleet {} is already on {image}: nothing to do", args.fleet);
             } else {
                 eprintln!(
-                    "fleet {} is on {}: {launched} launched, {retired} retired",
-                    args.fleet, fleet.ami
+                    "fleet {} is on {image}: {launched} launched, {retired} retired",
+                    args.fleet
                 );
             }
             0
@@ -246,7 +288,7 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
         }
     };
     // The URL, last on stdout: the load balancer's, else the instances' addresses.
-    let url = match &lb {
+    let url = match lb {
         Some(lb) => lb.url().await.ok().flatten(),
         None => None,
     };
@@ -264,6 +306,155 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
         }
     }
     Ok(code)
+}
+
+/// The local fleet: import the content as a release, create the fleet (and its load
+/// balancer) on first use, then the same engine as on AWS.
+async fn run_local(args: Args) -> anyhow::Result<i32> {
+    let refuse = |what: &str| {
+        eprintln!("error: {what} is AWS-only; the local fleet takes --content, --manifest, --agent, --listen, --per-az, --max-surge, --health-command, --timeout, --bake");
+        Ok(2)
+    };
+    if args.subnets.is_some() || args.security_groups.is_some() || args.target_group.is_some() {
+        return refuse("--subnets/--security-groups/--target-group");
+    }
+    if args.alarms.is_some() || args.instance_profile.is_some() || args.instance_type.is_some() {
+        return refuse("--alarm/--instance-profile/--instance-type");
+    }
+    let store = match Store::open(&args.fleet) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(2);
+        }
+    };
+    let agent = match &args.agent {
+        Some(p) => crate::local::resolve_agent(Some(p))?,
+        None => match store.load() {
+            // A fleet keeps the agent it was created with unless told otherwise.
+            Ok(s) if s.agent.is_file() => s.agent,
+            _ => crate::local::resolve_agent(None)?,
+        },
+    };
+    // Unless told otherwise, a fleet keeps its size and health command.
+    let stored = store.load().ok();
+    let per_az = args
+        .per_az
+        .or(stored.as_ref().map(|s| s.per_az))
+        .unwrap_or(2);
+    if per_az == 0 {
+        eprintln!("error: --per-az must be at least 1");
+        return Ok(2);
+    }
+    let health_command = args
+        .health_command
+        .clone()
+        .or(stored.map(|s| s.health_command))
+        .unwrap_or_else(|| crate::local::LOCAL_HEALTH_COMMAND.into());
+    let content = args.content.clone().expect("clap requires --content");
+    let release = match crate::local::release::import(
+        &store.releases_dir(),
+        &content,
+        args.manifest.as_deref(),
+    ) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(2);
+        }
+    };
+    info!(release = %release.id, version = %release.version, "release");
+    // Port 0: any free port, fixed from then on (the fleet's URL must not move).
+    let listen = if args.listen.port() == 0 {
+        let l = std::net::TcpListener::bind(args.listen)
+            .with_context(|| format!("cannot listen on {}", args.listen))?;
+        l.local_addr()?
+    } else {
+        args.listen
+    };
+    let existing = store.create(FleetState {
+        fleet: args.fleet.clone(),
+        listen,
+        agent: agent.clone(),
+        image: None,
+        per_az,
+        health_command: health_command.clone(),
+        generation: 0,
+        targets: Vec::new(),
+        instances: Default::default(),
+    })?;
+    if existing.listen != listen && args.listen != default_listen() && args.listen.port() != 0 {
+        eprintln!(
+            "error: fleet {} listens on {}; destroy it first to move it to {}",
+            args.fleet, existing.listen, args.listen
+        );
+        return Ok(2);
+    }
+    // Instances launch with the fleet's agent; the size and health command become the
+    // fleet's only when the rollout succeeds (a failed one must not change what `health`
+    // runs).
+    store.update(|s| {
+        s.agent = agent.clone();
+        Ok::<_, crate::local::state::StateError>(())
+    })?;
+    let compute = LocalCompute::new(store.clone());
+    let run = LocalRunCommand {
+        store: store.clone(),
+    };
+    let lb = LocalBalancer::new(store.clone());
+    if let Err(e) = lb.ensure_running().await {
+        if store.load().is_ok_and(|s| s.instances.is_empty()) {
+            // A fleet that never ran anything: leave nothing behind, so the next try can
+            // pick another address.
+            let _ = std::fs::remove_dir_all(&store.dir);
+        }
+        eprintln!("error: {e}\n(pick a free address with --listen ADDR:PORT)");
+        return Ok(1);
+    }
+    let tuning = Tuning {
+        max_surge: args.max_surge.unwrap_or(1),
+        parallel_azs: args.parallel_azs,
+        health_passes: args.health_passes,
+        timeout: Duration::from_secs(args.timeout.unwrap_or(30)),
+        bake: Duration::from_secs(args.bake.unwrap_or(0)),
+        prefix: args.prefix.clone().unwrap_or_else(|| "amictl-".into()),
+    };
+    let mut next = store.load()?;
+    next.per_az = per_az;
+    next.health_command = health_command.clone();
+    let settings = crate::local::settings(&next, &release.id, &tuning);
+    let fx = Effects {
+        compute: &compute,
+        run: &run,
+        lb: Some(&lb),
+        alarms: &NoAlarms,
+    };
+    let before: Vec<String> = store.load()?.instances.into_keys().collect();
+    let code = drive(&args, fx, &settings, Some(crate::local::journal(&store))).await?;
+    if code == 0 {
+        // What `health --heal` restores from now on.
+        store.update(|s| {
+            s.image = Some(release.id.clone());
+            s.per_az = per_az;
+            s.health_command = health_command.clone();
+            Ok::<_, crate::local::state::StateError>(())
+        })?;
+    } else {
+        // Say why the new instances failed, from their agents' own logs.
+        for (id, r) in store.load()?.instances {
+            if !before.contains(&id) {
+                let tail = crate::local::process::tail(&compute.log_path(&r.id), 4);
+                if !tail.is_empty() {
+                    eprintln!("instance {id} ({}) logged:\n{tail}", r.image);
+                }
+            }
+        }
+    }
+    Ok(code)
+}
+
+fn default_listen() -> std::net::SocketAddr {
+    "127.0.0.1:8080".parse().expect("a valid address")
 }
 
 async fn placements(

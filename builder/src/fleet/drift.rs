@@ -195,9 +195,20 @@ pub fn exit_code(rows: &[InstanceDrift]) -> i32 {
     }
 }
 
+/// `text` cut to `max` characters, marked with an ellipsis when cut (pure).
+pub fn clip(text: &str, max: usize) -> String {
+    if text.chars().count() <= max {
+        return text.to_owned();
+    }
+    let mut s: String = text.chars().take(max.saturating_sub(1)).collect();
+    s.push('…');
+    s
+}
+
 /// The table `drift` prints (pure).
 pub fn render(rows: &[InstanceDrift]) -> String {
-    let cell = |f: &Finding| format!("{}: {}", f.state.as_str(), f.detail);
+    // A table cell keeps the gist; `--json` has every word.
+    let cell = |f: &Finding| clip(&format!("{}: {}", f.state.as_str(), f.detail), 72);
     let cells: Vec<Vec<String>> = rows
         .iter()
         .map(|r| {
@@ -221,6 +232,14 @@ pub fn render(rows: &[InstanceDrift]) -> String {
 mod tests {
     use super::*;
     use crate::fleet::InstanceState;
+
+    #[test]
+    fn long_cells_are_clipped() {
+        assert_eq!(clip("short", 72), "short");
+        let long = "x".repeat(100);
+        assert_eq!(clip(&long, 10).chars().count(), 10);
+        assert!(clip(&long, 10).ends_with('…'));
+    }
 
     fn instance(image: &str, rollout: Option<&str>) -> Instance {
         Instance {

@@ -171,6 +171,21 @@ pub fn assess(instance: &Instance, invocation: &Invocation) -> InstanceHealth {
     h
 }
 
+/// The row of an instance that is down (stopped, or its process exited): unhealthy, and
+/// no command can reach it.
+pub fn down(instance: &Instance) -> InstanceHealth {
+    InstanceHealth {
+        instance_id: instance.id.clone(),
+        az: instance.az.clone(),
+        image: instance.image.clone(),
+        status: Verdict::Unhealthy,
+        outcome: "down",
+        exit_code: None,
+        detail: Some("the instance is down (stopped, or its agent exited)".into()),
+        report: None,
+    }
+}
+
 /// The worst verdict, Unknown for no instances at all (pure).
 pub fn worst<'a>(rows: impl IntoIterator<Item = &'a InstanceHealth>) -> Verdict {
     rows.into_iter()

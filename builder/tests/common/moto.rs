@@ -113,3 +113,38 @@ pub fn sparse_image(path: &Path, size: u64, spans: &[(u64, usize)]) {
         file.write_all_at(&data, offset).unwrap();
     }
 }
+
+/// A VPC `10.{net}.0.0/16` with a subnet `10.{net}.{i}.0/24` in each of us-east-1a and
+/// us-east-1b; answers the VPC and the (AZ, subnet) pairs.
+pub async fn vpc_with_two_azs(
+    ec2: &aws_sdk_ec2::Client,
+    net: u8,
+) -> (String, Vec<(String, String)>) {
+    let vpc = ec2
+        .create_vpc()
+        .cidr_block(format!("10.{net}.0.0/16"))
+        .send()
+        .await
+        .unwrap()
+        .vpc
+        .unwrap()
+        .vpc_id
+        .unwrap();
+    let mut subnets = Vec::new();
+    for (i, az) in ["us-east-1a", "us-east-1b"].into_iter().enumerate() {
+        let subnet = ec2
+            .create_subnet()
+            .vpc_id(&vpc)
+            .availability_zone(az)
+            .cidr_block(format!("10.{net}.{i}.0/24"))
+            .send()
+            .await
+            .unwrap()
+            .subnet
+            .unwrap()
+            .subnet_id
+            .unwrap();
+        subnets.push((az.to_owned(), subnet));
+    }
+    (vpc, subnets)
+}

@@ -1,0 +1,461 @@
+//! The local fleet end to end: the real `amictl` and `ami-agent` binaries, real processes,
+//! the real load balancer, and a prober sending 200 requests a second through the fleet's
+//! URL while it is rolled, broken, killed, healed, interrupted and resumed.
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+fn amictl() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_amictl"))
+}
+
+/// `ami-agent`, where amictl itself looks for it: beside amictl in the target directory.
+fn agent() -> PathBuf {
+    let path = amictl().with_file_name("ami-agent");
+    assert!(
+        path.is_file(),
+        "{} is missing: build it first (cargo build -p agent, or cargo test --workspace)",
+        path.display()
+    );
+    path
+}
+
+struct Fleet {
+    name: String,
+    state: tempfile::TempDir,
+    sites: tempfile::TempDir,
+}
+
+impl Fleet {
+    fn new(name: &str) -> Self {
+        Fleet {
+            name: name.into(),
+            state: tempfile::tempdir().unwrap(),
+            sites: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    /// A site whose version.txt says `version`.
+    fn site(&self, version: &str) -> PathBuf {
+        let dir = self.sites.path().join(version);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("version.txt"), format!("{version}\n")).unwrap();
+        std::fs::write(
+            dir.join("index.html"),
+            format!("<!doctype html><title>{version}</title>"),
+        )
+        .unwrap();
+        dir
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(amictl());
+        cmd.args(args)
+            .args(["--provider", "local", "--fleet", &self.name])
+            .env("XDG_STATE_HOME", self.state.path())
+            .env("AMICTL_LOG", "info")
+            .env_remove("AMICTL_PROVIDER")
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        let out = self.command(args).output().unwrap();
+        eprintln!(
+            "amictl {args:?} -> {:?}\n{}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    fn rollout(&self, content: &Path, extra: &[&str]) -> Output {
+        let content = content.to_str().unwrap();
+        let mut args = vec!["rollout", "--content", content, "--listen", "127.0.0.1:0"];
+        args.extend_from_slice(extra);
+        self.run(&args)
+    }
+
+    fn dir(&self) -> PathBuf {
+        self.state.path().join("amictl/local").join(&self.name)
+    }
+
+    fn state(&self) -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(self.dir().join("fleet.json")).unwrap()).unwrap()
+    }
+
+    /// The fleet's instances that are not terminated: (id, release, retiring).
+    fn instances(&self) -> Vec<(String, String, bool)> {
+        let state = self.state();
+        state["instances"]
+            .as_object()
+            .unwrap()
+            .values()
+            .filter(|r| !r["terminated"].as_bool().unwrap())
+            .map(|r| {
+                (
+                    r["id"].as_str().unwrap().to_owned(),
+                    r["image"].as_str().unwrap().to_owned(),
+                    !r["retiring"].is_null(),
+                )
+            })
+            .collect()
+    }
+
+    /// Instance directories whose process is alive (it holds its lock).
+    fn live_processes(&self) -> BTreeSet<String> {
+        let Ok(entries) = std::fs::read_dir(self.dir().join("instances")) else {
+            return BTreeSet::new();
+        };
+        entries
+            .flatten()
+            .filter(|e| amictl::local::process::is_alive(&e.path().join("lock")))
+            .map(|e| e.file_name().into_string().unwrap())
+            .collect()
+    }
+
+    fn pids(&self) -> Vec<u32> {
+        let state = self.state();
+        let mut pids: Vec<u32> = state["instances"]
+            .as_object()
+            .unwrap()
+            .values()
+            .filter_map(|r| r["pid"].as_u64().map(|p| p as u32))
+            .collect();
+        let status: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(self.dir().join("balancer/status.json")).unwrap(),
+        )
+        .unwrap();
+        pids.push(status["pid"].as_u64().unwrap() as u32);
+        pids
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        // Never leave processes behind, whatever the test did.
+        let _ = self.command(&["destroy"]).output();
+    }
+}
+
+fn url(out: &Output) -> SocketAddr {
+    let stdout = String::from_utf8(out.stdout.clone()).unwrap();
+    let last = stdout.lines().last().expect("the URL on stdout");
+    last.trim_start_matches("http://")
+        .trim_end_matches('/')
+        .parse()
+        .unwrap_or_else(|_| panic!("not a URL: {last}"))
+}
+
+fn get(addr: SocketAddr, path: &str) -> Result<String, String> {
+    let mut s =
+        TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: fleet\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).map_err(|e| e.to_string())?;
+    let (head, body) = buf.split_once("\r\n\r\n").ok_or("no response head")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(head.lines().next().unwrap_or("").to_owned());
+    }
+    Ok(body.trim().to_owned())
+}
+
+/// Sends 200 requests a second for `/version.txt`, each on a new connection, recording
+/// every answer (or failure) in order.
+struct Prober {
+    stop: Arc<AtomicBool>,
+    handle: JoinHandle<Vec<Result<String, String>>>,
+}
+
+impl Prober {
+    fn start(addr: SocketAddr) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            let mut next = Instant::now();
+            while !flag.load(Ordering::Relaxed) {
+                seen.push(get(addr, "/version.txt"));
+                next += Duration::from_millis(5);
+                if let Some(wait) = next.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+            }
+            seen
+        });
+        Prober { stop, handle }
+    }
+
+    fn finish(self) -> Vec<Result<String, String>> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.join().unwrap()
+    }
+}
+
+/// Whether `pid` runs (a zombie waiting for its parent to reap it does not).
+fn running(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+fn failures(seen: &[Result<String, String>]) -> Vec<&String> {
+    seen.iter().filter_map(|r| r.as_ref().err()).collect()
+}
+
+#[test]
+fn rollouts_lose_no_request_and_a_broken_release_rolls_back() {
+    agent();
+    let fleet = Fleet::new("web");
+    let out = fleet.rollout(&fleet.site("v1"), &["--per-az", "2"]);
+    assert_eq!(out.status.code(), Some(0));
+    let addr = url(&out);
+    assert_eq!(get(addr, "/version.txt").unwrap(), "v1");
+    assert_eq!(fleet.instances().len(), 4);
+
+    // v1 -> v2 under load.
+    let prober = Prober::start(addr);
+    std::thread::sleep(Duration::from_millis(300));
+    let out = fleet.rollout(&fleet.site("v2"), &[]);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(url(&out), addr, "the URL does not move");
+    let done = Instant::now();
+    std::thread::sleep(Duration::from_millis(500));
+    let seen = prober.finish();
+    assert!(
+        failures(&seen).is_empty(),
+        "failed requests: {:?}",
+        failures(&seen)
+    );
+    assert!(seen.len() > 500, "the prober ran: {} requests", seen.len());
+    let bodies: Vec<&str> = seen.iter().map(|r| r.as_deref().unwrap()).collect();
+    let distinct: BTreeSet<&str> = bodies.iter().copied().collect();
+    assert_eq!(
+        distinct,
+        BTreeSet::from(["v1", "v2"]),
+        "only v1 and v2 are served"
+    );
+    assert_eq!(bodies.first(), Some(&"v1"));
+    // Once the rollout has returned, only v2 answers.
+    let after = (done.elapsed().as_millis() / 5) as usize;
+    assert!(bodies[bodies.len() - after.min(bodies.len())..]
+        .iter()
+        .all(|b| *b == "v2"));
+    let instances = fleet.instances();
+    assert_eq!(instances.len(), 4);
+    assert_eq!(
+        fleet.live_processes().len(),
+        4,
+        "the old processes are gone"
+    );
+    let v2 = instances[0].1.clone();
+    assert!(instances
+        .iter()
+        .all(|(_, rel, retiring)| *rel == v2 && !retiring));
+
+    // A broken v3: content that does not match its manifest.
+    let v3 = fleet.site("v3");
+    let manifest = fleet.sites.path().join("v3.manifest.json");
+    let m = Command::new(agent())
+        .arg("manifest")
+        .arg(&v3)
+        .output()
+        .unwrap();
+    assert!(m.status.success());
+    std::fs::write(&manifest, &m.stdout).unwrap();
+    std::fs::write(
+        v3.join("index.html"),
+        "tampered after the manifest was made",
+    )
+    .unwrap();
+    let prober = Prober::start(addr);
+    let out = fleet.rollout(&v3, &["--manifest", manifest.to_str().unwrap()]);
+    std::thread::sleep(Duration::from_millis(300));
+    let seen = prober.finish();
+    assert_eq!(out.status.code(), Some(3), "a failed release rolls back");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("does not match its manifest"), "{stderr}");
+    assert!(
+        failures(&seen).is_empty(),
+        "failed requests: {:?}",
+        failures(&seen)
+    );
+    assert!(seen.iter().all(|r| r.as_deref() == Ok("v2")));
+    let after: BTreeSet<String> = fleet.instances().into_iter().map(|i| i.0).collect();
+    let before: BTreeSet<String> = instances.into_iter().map(|i| i.0).collect();
+    assert_eq!(after, before, "the fleet is exactly as it was");
+    assert_eq!(fleet.live_processes(), before);
+    let out = fleet.run(&["health"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    // A release that starts but fails its health gate rolls back too, and the failed
+    // rollout's health command does not become the fleet's.
+    let out = fleet.rollout(
+        &fleet.site("v4"),
+        &["--health-command", "exit 2", "--timeout", "3"],
+    );
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("health gate failed"));
+    assert_eq!(get(addr, "/version.txt").unwrap(), "v2");
+    assert_eq!(fleet.live_processes(), before);
+    assert_eq!(fleet.run(&["health"]).status.code(), Some(0));
+}
+
+#[test]
+fn a_killed_instance_is_healed_and_an_interrupted_rollout_resumes() {
+    agent();
+    let fleet = Fleet::new("api");
+    let out = fleet.rollout(&fleet.site("v1"), &["--per-az", "2"]);
+    assert_eq!(out.status.code(), Some(0));
+    let addr = url(&out);
+
+    // kill -9 one instance: health sees it, --heal replaces it.
+    let victim = fleet.instances()[0].0.clone();
+    let pid = fleet.state()["instances"][&victim]["pid"].as_u64().unwrap() as i32;
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(pid).unwrap(),
+        rustix::process::Signal::KILL,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while fleet.live_processes().contains(&victim) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = fleet.run(&["health", "--json"]);
+    assert_eq!(out.status.code(), Some(2));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let row = report["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["instance_id"] == victim.as_str())
+        .expect("the killed instance has a row");
+    assert_eq!(row["status"], "unhealthy");
+    assert_eq!(row["outcome"], "down");
+    let out = fleet.run(&["health", "--heal"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let ids: BTreeSet<String> = fleet.instances().into_iter().map(|i| i.0).collect();
+    assert_eq!(ids.len(), 4);
+    assert!(!ids.contains(&victim), "the dead instance was replaced");
+    assert_eq!(fleet.live_processes(), ids);
+    assert_eq!(fleet.run(&["health"]).status.code(), Some(0));
+
+    // The load balancer killed: health says the URL is dead, --heal brings it back.
+    let status: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fleet.dir().join("balancer/status.json")).unwrap())
+            .unwrap();
+    let lb_pid = status["pid"].as_u64().unwrap() as i32;
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(lb_pid).unwrap(),
+        rustix::process::Signal::KILL,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while get(addr, "/version.txt").is_ok() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = fleet.run(&["health"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("load-balancer"));
+    assert_eq!(fleet.run(&["health", "--heal"]).status.code(), Some(0));
+    assert_eq!(get(addr, "/version.txt").unwrap(), "v1");
+
+    // SIGINT half-way through a rollout, then the same command again.
+    let v2 = fleet.site("v2");
+    let mut child = fleet
+        .command(&["rollout", "--content", v2.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    // Half-way: one AZ replaced, the other not yet.
+    loop {
+        let retiring = fleet.instances().iter().filter(|i| i.2).count();
+        if retiring >= 2 || Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(child.id() as i32).unwrap(),
+        rustix::process::Signal::INT,
+    )
+    .unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "interrupted");
+    let mixed = fleet.instances();
+    let releases: BTreeSet<&str> = mixed.iter().map(|i| i.1.as_str()).collect();
+    assert_eq!(releases.len(), 2, "stopped half-way: {mixed:?}");
+    assert_eq!(
+        get(addr, "/version.txt").map(|b| b.starts_with('v')),
+        Ok(true)
+    );
+
+    let prober = Prober::start(addr);
+    let out = fleet.run(&["rollout", "--content", v2.to_str().unwrap()]);
+    let seen = prober.finish();
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("resuming"));
+    assert!(
+        failures(&seen).is_empty(),
+        "failed requests: {:?}",
+        failures(&seen)
+    );
+    let end = fleet.instances();
+    assert_eq!(end.len(), 4, "whole: {end:?}");
+    let release = end[0].1.clone();
+    assert!(end
+        .iter()
+        .all(|(_, rel, retiring)| *rel == release && !retiring));
+    let ids: BTreeSet<String> = end.into_iter().map(|i| i.0).collect();
+    assert_eq!(fleet.live_processes(), ids, "nothing orphaned");
+    let targets: BTreeSet<String> = fleet.state()["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(targets, ids, "exactly the new instances take traffic");
+    assert_eq!(get(addr, "/version.txt").unwrap(), "v2");
+
+    // destroy leaves nothing running.
+    let pids = fleet.pids();
+    let out = fleet.run(&["destroy"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(!fleet.dir().exists());
+    for pid in pids {
+        assert!(!running(pid), "process {pid} still runs");
+    }
+    assert!(TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_err());
+    assert_eq!(
+        fleet.run(&["destroy"]).status.code(),
+        Some(0),
+        "twice is fine"
+    );
+}
