@@ -9,7 +9,7 @@ use std::process::{Output, Stdio};
 
 use amictl::rollout::journal::{Entry, Journal, State};
 use aws_sdk_ec2::types::{InstanceStateName, InstanceType, ResourceType, Tag, TagSpecification};
-use common::moto::{vpc_with_two_azs, Moto};
+use common::moto::{ec2_filter, instances, vpc_with_two_azs, Moto};
 
 async fn image(ec2: &aws_sdk_ec2::Client) -> String {
     ec2.register_image()
@@ -47,20 +47,9 @@ async fn launch(ec2: &aws_sdk_ec2::Client, image: &str, subnet: &str, fleet: &st
 
 /// Each instance's state; an instance EC2 no longer knows is absent.
 async fn states(ec2: &aws_sdk_ec2::Client, ids: &[String]) -> Vec<(String, InstanceStateName)> {
-    let out = ec2
-        .describe_instances()
-        .filters(
-            aws_sdk_ec2::types::Filter::builder()
-                .name("instance-id")
-                .set_values(Some(ids.to_vec()))
-                .build(),
-        )
-        .send()
+    instances(ec2, vec![ec2_filter("instance-id", ids.iter().cloned())])
         .await
-        .unwrap();
-    out.reservations()
         .iter()
-        .flat_map(|r| r.instances())
         .map(|i| {
             (
                 i.instance_id().unwrap().to_owned(),

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::moto::{vpc_with_two_azs, Moto};
+use common::moto::{fleet_instances, vpc_with_two_azs, Moto};
 
 struct Setup {
     subnets: String,
@@ -122,28 +122,9 @@ fn rollout(moto: &Moto, state: &std::path::Path, s: &Setup, ami: &str) -> (i32, 
 
 async fn fleet(moto: &Moto) -> Vec<(String, String, String)> {
     let ec2 = aws_sdk_ec2::Client::new(&moto.sdk_config().await);
-    let out = ec2
-        .describe_instances()
-        .filters(
-            aws_sdk_ec2::types::Filter::builder()
-                .name("tag:amictl:fleet")
-                .values("web")
-                .build(),
-        )
-        .filters(
-            aws_sdk_ec2::types::Filter::builder()
-                .name("instance-state-name")
-                .values("pending")
-                .values("running")
-                .build(),
-        )
-        .send()
+    let mut v: Vec<_> = fleet_instances(&ec2, "web", &["pending", "running"])
         .await
-        .unwrap();
-    let mut v: Vec<_> = out
-        .reservations()
         .iter()
-        .flat_map(|r| r.instances())
         .map(|i| {
             (
                 i.instance_id().unwrap().to_owned(),

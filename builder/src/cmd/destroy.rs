@@ -188,7 +188,7 @@ pub fn listing(instances: &[Instance]) -> String {
 }
 
 /// The prompt, on stderr; the answer, a line from stdin (end of input is a no).
-fn ask_on_terminal(question: &str) -> std::io::Result<bool> {
+pub fn ask_on_terminal(question: &str) -> std::io::Result<bool> {
     let mut err = std::io::stderr();
     write!(err, "{question} [y/N] ")?;
     err.flush()?;

@@ -6,9 +6,12 @@ pub mod archive;
 pub mod destroy;
 pub mod drift;
 pub mod health;
+pub mod iam_policy;
 pub mod image;
 pub mod local_balancer;
 pub mod rollout;
+pub mod stack;
+pub mod up;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -25,6 +28,8 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once per run: the size difference between subcommands' arguments costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Write a deterministic zip of a source tree and print its sha256.
@@ -40,6 +45,12 @@ pub enum Command {
     Drift(drift::Args),
     /// Stop and remove a whole fleet (terminate its instances).
     Destroy(destroy::Args),
+    /// The CloudFormation stack a fleet runs in: template, check, deploy, delete.
+    Stack(stack::Args),
+    /// Print the least-privilege IAM policy amictl needs.
+    IamPolicy(iam_policy::Args),
+    /// From nothing to a URL: deploy the stack, publish the image, roll the fleet out.
+    Up(up::Args),
     /// The local fleet's load balancer (started by `rollout --provider local`).
     #[command(hide = true)]
     LocalBalancer(local_balancer::Args),
@@ -64,6 +75,9 @@ impl Cli {
             Command::Health(args) => health::run(args).await,
             Command::Drift(args) => drift::run(args).await,
             Command::Destroy(args) => destroy::run(args).await,
+            Command::Stack(args) => stack::run(args).await,
+            Command::IamPolicy(args) => iam_policy::run(args).await,
+            Command::Up(args) => up::run(args).await,
             Command::LocalBalancer(args) => local_balancer::run(args).await,
         }
     }

@@ -19,6 +19,8 @@ use crate::rollout::engine::{Effects, Engine, Outcome, RolloutError, Settings};
 use crate::rollout::journal::{new_id, resolve, Entry, Journal, Resolution, State};
 use crate::rollout::plan::Desired;
 use crate::ssm::SsmRunCommand;
+use crate::stack::outputs::beneath;
+use crate::stack::StackError;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -94,6 +96,11 @@ pub struct Args {
     pub config: PathBuf,
     #[arg(long)]
     pub region: Option<String>,
+    /// A stack from `amictl stack deploy`: its subnets, instance security group, instance
+    /// profile, target group and alarms are the defaults (flags and amictl.toml win), and
+    /// the URL printed last is its load balancer's.
+    #[arg(long, value_name = "NAME")]
+    pub stack: Option<String>,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<i32> {
@@ -120,22 +127,61 @@ async fn run_aws(args: Args) -> anyhow::Result<i32> {
         alarms: args.alarms.clone(),
         bake: args.bake,
     };
-    let fleet = match merge(&args.fleet, cli, file.fleets.get(&args.fleet)) {
+    // The stack's outputs slot in beneath the fleet's amictl.toml table.
+    let mut loaded = None;
+    let table = match &args.stack {
+        None => file.fleets.get(&args.fleet).cloned(),
+        Some(name) => {
+            if let Err(e) = crate::stack::names::check_stack_name(name) {
+                eprintln!("error: {e}");
+                return Ok(2);
+            }
+            let config = crate::aws::load(args.region.as_deref()).await?;
+            let stacks = crate::stack::CloudFormation::new(&config);
+            loaded = Some(config);
+            match crate::stack::read_outputs(&stacks, name).await {
+                Ok(outputs) => Some(beneath(
+                    file.fleets.get(&args.fleet),
+                    outputs.fleet_defaults(),
+                )),
+                Err(e @ (StackError::NotFound(_) | StackError::Outputs(_))) => {
+                    eprintln!("error: {e}");
+                    return Ok(2);
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| format!("reading the outputs of stack {name}"))
+                }
+            }
+        }
+    };
+    let fleet = match merge(&args.fleet, cli, table.as_ref()) {
         Ok(f) => f,
         Err(e) => {
             eprintln!("error: {e}");
             return Ok(2);
         }
     };
-    let config = crate::aws::load(args.region.as_deref()).await?;
+    let config = match loaded {
+        Some(c) => c,
+        None => crate::aws::load(args.region.as_deref()).await?,
+    };
     let ec2 = aws_sdk_ec2::Client::new(&config);
 
     // Refuse a missing AMI or bad subnets before anything is launched.
-    let images = ec2.describe_images().image_ids(&fleet.ami).send().await;
-    let found = images
-        .as_ref()
-        .map(|o| !o.images().is_empty())
-        .unwrap_or(false);
+    // AWS answers InvalidAMIID.NotFound (or .Malformed) for an id it does not know; any
+    // other error (access denied, throttling) is an error, not a missing AMI.
+    let found = match ec2
+        .describe_images()
+        .image_ids(&fleet.ami)
+        .send()
+        .await
+        .map_err(|e| crate::aws::classify("ec2:DescribeImages", e))
+    {
+        Ok(out) => !out.images().is_empty(),
+        Err(crate::aws::AwsError::NotFound(_)) => false,
+        Err(e) if e.to_string().contains("InvalidAMIID") => false,
+        Err(e) => return Err(e).context("looking up the AMI"),
+    };
     if !found {
         eprintln!("error: AMI {} does not exist in this account and region (publish it with `amictl image publish`)", fleet.ami);
         return Ok(2);
@@ -321,6 +367,9 @@ async fn run_local(args: Args) -> anyhow::Result<i32> {
     if args.alarms.is_some() || args.instance_profile.is_some() || args.instance_type.is_some() {
         return refuse("--alarm/--instance-profile/--instance-type");
     }
+    if args.stack.is_some() {
+        return refuse("--stack");
+    }
     let store = match Store::open(&args.fleet) {
         Ok(s) => s,
         Err(e) => {
@@ -328,6 +377,16 @@ async fn run_local(args: Args) -> anyhow::Result<i32> {
             return Ok(2);
         }
     };
+    if args.dry_run && !store.exists() {
+        // A dry run creates nothing, not even the fleet's directory.
+        eprintln!(
+            "fleet {} does not exist: the rollout would create it with {} instances in each of {}",
+            args.fleet,
+            args.per_az.unwrap_or(2),
+            crate::local::AZS.join(" and ")
+        );
+        return Ok(0);
+    }
     let agent = match &args.agent {
         Some(p) => crate::local::resolve_agent(Some(p))?,
         None => match store.load() {

@@ -108,7 +108,12 @@ impl<'a, C: Compute, R: RunCommand, L: LoadBalancer, A: Alarms> Engine<'a, C, R,
 
     /// Runs (or resumes) the rollout to the end, or rolls it back.
     pub async fn run(&self) -> Result<Outcome, RolloutError> {
-        let plan = self.plan().await.map_err(RolloutError::Before)?;
+        let mut plan = self.plan().await.map_err(RolloutError::Before)?;
+        let repairs = self.repairs(&plan).await.map_err(RolloutError::Before)?;
+        if !repairs.is_empty() {
+            info!(azs = ?repairs.iter().map(|s| &s.az).collect::<Vec<_>>(), "instances on the desired image are not in service yet: gating and registering them");
+            plan.waves.push(super::plan::Wave { steps: repairs });
+        }
         if plan.is_noop() {
             info!(fleet = %self.s.fleet, "fleet already on the desired image and settings");
             return Ok(Outcome::Done {
@@ -159,6 +164,62 @@ impl<'a, C: Compute, R: RunCommand, L: LoadBalancer, A: Alarms> Engine<'a, C, R,
         })
     }
 
+    /// Steps for AZs the plan leaves alone although some instance there that already runs
+    /// the desired image is not a healthy target: what a rollout interrupted between launch
+    /// and registration leaves behind when its journal is lost too (a fresh CI runner). The
+    /// step gates and registers them like new ones.
+    async fn repairs(&self, plan: &Plan) -> Result<Vec<Step>, CloudError> {
+        let Some(lb) = self.fx.lb else {
+            return Ok(Vec::new());
+        };
+        let all = self.instances().await?;
+        let planned: Vec<&str> = plan
+            .waves
+            .iter()
+            .flat_map(|w| &w.steps)
+            .map(|s| s.az.as_str())
+            .collect();
+        let kept: Vec<&Instance> = all
+            .iter()
+            .filter(|i| self.in_service_candidate(i) && !planned.contains(&i.az.as_str()))
+            .collect();
+        if kept.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<String> = kept.iter().map(|i| i.id.clone()).collect();
+        let states = lb.states(&ids).await?;
+        let mut azs: Vec<String> = kept
+            .iter()
+            .filter(|i| states.get(&i.id) != Some(&TargetState::Healthy))
+            .map(|i| i.az.clone())
+            .collect();
+        azs.sort();
+        azs.dedup();
+        Ok(azs
+            .into_iter()
+            .map(|az| Step {
+                az,
+                launch: 0,
+                retire: Vec::new(),
+            })
+            .collect())
+    }
+
+    /// Live, not retiring, on the desired image and settings of its AZ.
+    fn in_service_candidate(&self, i: &Instance) -> bool {
+        let spec = self
+            .s
+            .desired
+            .specs
+            .get(&i.az)
+            .map(String::as_str)
+            .unwrap_or_default();
+        i.retiring.is_none()
+            && matches!(i.state, InstanceState::Pending | InstanceState::Running)
+            && self.s.desired.placements.iter().any(|p| p.az == i.az)
+            && i.matches(&self.s.desired.image, spec)
+    }
+
     async fn step(&self, step: &Step) -> StepResult {
         let az = step.az.as_str();
         let placement = self
@@ -194,16 +255,19 @@ impl<'a, C: Compute, R: RunCommand, L: LoadBalancer, A: Alarms> Engine<'a, C, R,
                 .map_err(|e| format!("launching in {az}: {e}"))?;
             info!(%id, %az, "launched");
         }
-        // The instances this step stands on: every live, matching instance of this rollout
-        // in the AZ (a resumed run re-checks the ones it launched before).
+        // The instances this step stands on: every live instance in the AZ on the desired
+        // image, whichever rollout launched it (a resumed run re-checks the ones it launched
+        // before; a run that lost its journal, those its predecessor launched). Checking
+        // and registering an instance already in service changes nothing.
+        // This rollout's own instances count in any state, so one that died fails the step.
         let mine = |all: &[Instance]| -> Vec<String> {
             all.iter()
                 .filter(|i| {
-                    i.az == az
-                        && i.rollout.as_deref() == Some(&self.rollout)
+                    let own = i.rollout.as_deref() == Some(&self.rollout)
                         && i.retiring.is_none()
                         && i.matches(&self.s.desired.image, &spec)
-                        && i.state != InstanceState::Terminated
+                        && i.state != InstanceState::Terminated;
+                    i.az == az && (own || self.in_service_candidate(i))
                 })
                 .map(|i| i.id.clone())
                 .collect()

@@ -3,6 +3,7 @@
 //! Without `moto_server` on PATH the tests that need it skip themselves (the Nix sandbox
 //! has none), unless `AMICTL_REQUIRE_MOTO=1`, which CI sets so a missing moto fails loudly.
 
+use std::collections::BTreeMap;
 use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -147,4 +148,81 @@ pub async fn vpc_with_two_azs(
         subnets.push((az.to_owned(), subnet));
     }
     (vpc, subnets)
+}
+
+/// An EC2 filter: `name` is any of `values`.
+pub fn ec2_filter<S: Into<String>>(
+    name: &str,
+    values: impl IntoIterator<Item = S>,
+) -> aws_sdk_ec2::types::Filter {
+    aws_sdk_ec2::types::Filter::builder()
+        .name(name)
+        .set_values(Some(values.into_iter().map(Into::into).collect()))
+        .build()
+}
+
+/// The instances EC2 lists for these filters (each must match).
+pub async fn instances(
+    ec2: &aws_sdk_ec2::Client,
+    filters: Vec<aws_sdk_ec2::types::Filter>,
+) -> Vec<aws_sdk_ec2::types::Instance> {
+    let out = ec2
+        .describe_instances()
+        .set_filters(Some(filters))
+        .send()
+        .await
+        .unwrap();
+    out.reservations()
+        .iter()
+        .flat_map(|r| r.instances())
+        .cloned()
+        .collect()
+}
+
+/// The instances EC2 lists for a fleet (tag `amictl:fleet`) in any of `states`
+/// (`instance-state-name`: pending, running, ...).
+pub async fn fleet_instances(
+    ec2: &aws_sdk_ec2::Client,
+    fleet: &str,
+    states: &[&str],
+) -> Vec<aws_sdk_ec2::types::Instance> {
+    instances(
+        ec2,
+        vec![
+            ec2_filter("tag:amictl:fleet", [fleet]),
+            ec2_filter("instance-state-name", states.iter().copied()),
+        ],
+    )
+    .await
+}
+
+/// A stack's outputs, key to value.
+pub async fn stack_outputs(
+    cf: &aws_sdk_cloudformation::Client,
+    name: &str,
+) -> BTreeMap<String, String> {
+    let out = cf.describe_stacks().stack_name(name).send().await.unwrap();
+    out.stacks()[0]
+        .outputs()
+        .iter()
+        .map(|o| {
+            (
+                o.output_key().unwrap().to_owned(),
+                o.output_value().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// moto: a stack made or changed through a change set has no outputs (ExecuteChangeSet
+/// never builds them; CreateStack and UpdateStack do). An UpdateStack with the same
+/// template makes moto build them; AWS has them as soon as the stack is complete.
+pub async fn moto_rebuild_outputs(cf: &aws_sdk_cloudformation::Client, name: &str, template: &str) {
+    cf.update_stack()
+        .stack_name(name)
+        .template_body(template)
+        .capabilities(aws_sdk_cloudformation::types::Capability::CapabilityNamedIam)
+        .send()
+        .await
+        .unwrap();
 }

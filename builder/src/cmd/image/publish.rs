@@ -108,6 +108,18 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
 /// Publishes an image already resolved (by `image publish` or `image build`), then applies
 /// the lifecycle flags; the AMI id is printed only when all of it succeeded.
 pub async fn publish_image(image: ImageSource, args: Flags) -> anyhow::Result<i32> {
+    Ok(match publish_ami(image, args).await? {
+        Some(ami_id) => {
+            println!("{ami_id}");
+            0
+        }
+        None => 130,
+    })
+}
+
+/// [`publish_image`] without the printing: the AMI id, or None when interrupted (what was
+/// uploaded is cleaned up).
+pub async fn publish_ami(image: ImageSource, args: Flags) -> anyhow::Result<Option<String>> {
     if args.via != Via::S3 && args.bucket.is_some() {
         anyhow::bail!("--bucket is for --via s3 (the staging bucket of ImportSnapshot)");
     }
@@ -174,8 +186,7 @@ pub async fn publish_image(image: ImageSource, args: Flags) -> anyhow::Result<i3
                 eprintln!("{ami_id} already has this image (same {matched_by}); nothing uploaded");
             }
             lifecycle.apply(&ami_id, &cancel).await?;
-            println!("{ami_id}");
-            Ok(0)
+            Ok(Some(ami_id))
         }
         Ok(Outcome::Created { ami_id, uploaded }) => {
             eprintln!(
@@ -186,12 +197,11 @@ pub async fn publish_image(image: ImageSource, args: Flags) -> anyhow::Result<i3
                 uploaded.digest
             );
             lifecycle.apply(&ami_id, &cancel).await?;
-            println!("{ami_id}");
-            Ok(0)
+            Ok(Some(ami_id))
         }
         Err(e @ PublishError::Interrupted { .. }) => {
             eprintln!("error: {e}");
-            Ok(130)
+            Ok(None)
         }
         Err(e) => Err(e.into()),
     }
