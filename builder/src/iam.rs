@@ -134,9 +134,11 @@ const VOLUMES: &str = "arn:{partition}:ec2:{region}:{account}:volume/*";
 const IMAGES: &str = "arn:{partition}:ec2:{region}::image/*";
 const SNAPSHOTS: &str = "arn:{partition}:ec2:{region}::snapshot/*";
 /// The stack's import bucket (`${Prefix}import-${AWS::AccountId}-${AWS::Region}` in
-/// `stack.yaml`), also `image publish --via s3`'s staging bucket.
-const IMPORT_BUCKET: &str = "arn:{partition}:s3:::{prefix}import-{account}-{region}";
-const IMPORT_OBJECTS: &str = "arn:{partition}:s3:::{prefix}import-{account}-{region}/*";
+/// `stack.yaml`), also `image publish --via s3`'s staging bucket. `{prefix}*` like the
+/// stacks, roles and target groups: one policy for `amictl-pr-` covers every stack
+/// prefixed `amictl-pr-N-`.
+const IMPORT_BUCKET: &str = "arn:{partition}:s3:::{prefix}*import-{account}-{region}";
+const IMPORT_OBJECTS: &str = "arn:{partition}:s3:::{prefix}*import-{account}-{region}/*";
 const PREFIX_ROLES: &str = "arn:{partition}:iam::{account}:role/{prefix}*";
 const PREFIX_ALARMS: &str = "arn:{partition}:cloudwatch:{region}:{account}:alarm:{prefix}*";
 const PREFIX_TARGET_GROUPS: &str =
@@ -1101,8 +1103,8 @@ mod tests {
         assert_eq!(
             find(&p, "StackImportBucket")["Resource"],
             serde_json::json!([
-                "arn:aws-cn:s3:::web-import-123456789012-cn-north-1",
-                "arn:aws-cn:s3:::web-import-123456789012-cn-northwest-1",
+                "arn:aws-cn:s3:::web-*import-123456789012-cn-north-1",
+                "arn:aws-cn:s3:::web-*import-123456789012-cn-northwest-1",
             ])
         );
         let pass = find(&p, "PassFleetInstanceRole");

@@ -831,7 +831,7 @@ fn scopes_and_target_narrow_the_policy() {
         "{text}"
     );
     assert!(
-        text.contains("arn:aws:s3:::web-import-123456789012-eu-west-1"),
+        text.contains("arn:aws:s3:::web-*import-123456789012-eu-west-1"),
         "{text}"
     );
     assert!(
