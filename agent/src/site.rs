@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::HeaderValue;
+use http::{HeaderMap, HeaderValue};
 
 use crate::manifest::{FileEntry, Manifest, Mismatch};
 
@@ -18,7 +18,9 @@ pub struct Asset {
     /// Strong validator: the content's sha256.
     pub etag: HeaderValue,
     pub content_type: HeaderValue,
-    pub content_length: HeaderValue,
+    /// The whole head of a 200 answer, built once: a response clones it rather than
+    /// inserting (and hashing) eight headers per request.
+    pub headers: HeaderMap,
 }
 
 #[derive(Debug)]
@@ -108,12 +110,15 @@ impl Asset {
     pub fn new(entry: FileEntry, body: Bytes) -> Self {
         let etag = HeaderValue::try_from(format!("\"{}\"", entry.sha256))
             .expect("hex digests are valid header values");
+        let content_type = content_type_for(&entry.path);
+        let content_length = HeaderValue::from(body.len());
+        let headers = crate::http::response::asset_headers(&etag, &content_type, &content_length);
         Asset {
-            content_type: content_type_for(&entry.path),
-            content_length: HeaderValue::from(body.len()),
+            content_type,
             entry,
             body,
             etag,
+            headers,
         }
     }
 }

@@ -120,17 +120,30 @@ fn valid_segments<'a>(mut segments: impl Iterator<Item = &'a str>) -> bool {
     segments.all(|s| !s.is_empty() && s != "." && s != ".." && !s.contains(['\\', '\0']))
 }
 
+/// The head of an asset's 200 answer (built once per asset when the release loads).
+pub fn asset_headers(
+    etag: &HeaderValue,
+    content_type: &HeaderValue,
+    content_length: &HeaderValue,
+) -> HeaderMap {
+    let mut h = HeaderMap::with_capacity(8);
+    common_headers(&mut h);
+    h.insert(header::ETAG, etag.clone());
+    h.insert(header::CACHE_CONTROL, NO_CACHE);
+    h.insert(header::ACCEPT_RANGES, BYTES);
+    h.insert(header::CONTENT_TYPE, content_type.clone());
+    h.insert(header::CONTENT_LENGTH, content_length.clone());
+    h
+}
+
 fn serve_asset(asset: &Asset, headers: &HeaderMap, head: bool) -> Response<Body> {
     let mut builder = Response::builder();
     let h = builder.headers_mut().expect("a fresh builder has headers");
-    common_headers(h);
-    h.insert(header::ETAG, asset.etag.clone());
-    h.insert(header::CACHE_CONTROL, NO_CACHE);
-    h.insert(header::ACCEPT_RANGES, BYTES);
-    h.insert(header::CONTENT_TYPE, asset.content_type.clone());
+    *h = asset.headers.clone();
 
     if let Some(inm) = headers.get(header::IF_NONE_MATCH) {
         if etag_list_matches(inm, &asset.etag) {
+            h.remove(header::CONTENT_LENGTH);
             return builder
                 .status(StatusCode::NOT_MODIFIED)
                 .body(Body::default())
@@ -149,7 +162,6 @@ fn serve_asset(asset: &Asset, headers: &HeaderMap, head: bool) -> Response<Body>
     let h = builder.headers_mut().expect("a fresh builder has headers");
     match range {
         RangeResult::Full => {
-            h.insert(header::CONTENT_LENGTH, asset.content_length.clone());
             let body = if head {
                 Bytes::new()
             } else {
