@@ -29,13 +29,14 @@ fn main() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    let on_error = cli.command.error_exit_code();
     let runtime = tokio::runtime::Runtime::new().expect("start the tokio runtime");
     match runtime.block_on(cli.run()) {
         Ok(code) => std::process::exit(code),
         Err(err) => {
             // Display with its causes, not Debug: users read this, not developers.
             eprintln!("error: {err:#}");
-            std::process::exit(1);
+            std::process::exit(on_error);
         }
     }
 }

@@ -458,4 +458,8 @@ fn a_killed_instance_is_healed_and_an_interrupted_rollout_resumes() {
         Some(0),
         "twice is fine"
     );
+    // A fleet that is not there cannot be judged: unknown (3), not degraded (1).
+    let out = fleet.run(&["health"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no local fleet api"));
 }

@@ -66,6 +66,18 @@ pub enum Provider {
     Local,
 }
 
+impl Command {
+    /// The exit code for an error that stopped the command: 1, but 3 ("unknown") for the
+    /// checks, whose 1 means "degraded" or "drifted" and must not be claimed by, say, an
+    /// unreachable endpoint.
+    pub fn error_exit_code(&self) -> i32 {
+        match self {
+            Command::Health(_) | Command::Drift(_) => 3,
+            _ => 1,
+        }
+    }
+}
+
 impl Cli {
     pub async fn run(self) -> anyhow::Result<i32> {
         match self.command {
