@@ -18,7 +18,7 @@ use aws_sdk_ec2::types::{
     BlockDeviceMapping, EbsBlockDevice, HttpTokensState, InstanceMetadataEndpointState,
     ResourceType, Tag, TagSpecification, VolumeType,
 };
-use common::moto::{vpc_with_two_azs, Moto};
+use common::moto::{output, vpc_with_two_azs, Moto};
 
 struct World {
     ec2: aws_sdk_ec2::Client,
@@ -269,12 +269,7 @@ async fn ssm_run_command_answers_for_every_instance() {
 }
 
 fn run(moto: &Moto, args: &[&str]) -> (i32, String, String) {
-    let out = moto.amictl().args(args).output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    output(moto.amictl().args(args))
 }
 
 #[tokio::test(flavor = "multi_thread")]

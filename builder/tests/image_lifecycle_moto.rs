@@ -5,22 +5,12 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::moto::{sparse_image, Moto};
+use common::moto::{output, sparse_image, Moto};
 
 const BLOCK: u64 = 524_288;
 const DIGEST: &str = "amictl:image-digest";
-
-fn output(cmd: &mut Command) -> (i32, String, String) {
-    let out = cmd.stdin(Stdio::null()).output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 fn amictl(moto: &Moto, args: &[&str]) -> (i32, String, String) {
     output(moto.amictl().args(args))
@@ -34,13 +24,7 @@ fn image(dir: &Path, seed: u64) -> std::path::PathBuf {
 }
 
 fn publish(moto: &Moto, image: &Path, extra: &[&str]) -> (i32, String, String) {
-    output(
-        moto.amictl()
-            .args(["image", "publish", "--image"])
-            .arg(image)
-            .args(["--boot-mode", "uefi", "--arch", "x86_64", "--prefix", "lc-"])
-            .args(extra),
-    )
+    moto.publish_bare(image, "lc-", extra)
 }
 
 fn only_line(stdout: &str) -> String {

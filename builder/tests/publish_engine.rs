@@ -255,6 +255,18 @@ async fn run(
     publish(&services, image, &opts, &ProgressBar::hidden(), cancel).await
 }
 
+/// `run` with the default options and nothing cancelling it.
+async fn run_plain(fake: &Fake, image: &ImageSource) -> Result<Outcome, PublishError> {
+    run(
+        fake,
+        image,
+        upload_options(false),
+        options(),
+        &CancellationToken::new(),
+    )
+    .await
+}
+
 /// 12 blocks + 7 bytes: data in blocks 0, 3-4 and the short last block; 8 is written zeros.
 fn image(dir: &std::path::Path) -> ImageSource {
     let path = dir.join("disk.raw");
@@ -281,15 +293,7 @@ async fn uploads_data_blocks_only_and_rides_out_not_found() {
         not_found_puts: 3,
         ..Default::default()
     });
-    let outcome = run(
-        &fake,
-        &img,
-        upload_options(false),
-        options(),
-        &CancellationToken::new(),
-    )
-    .await
-    .unwrap();
+    let outcome = run_plain(&fake, &img).await.unwrap();
     let Outcome::Created { ami_id, uploaded } = outcome else {
         panic!("{outcome:?}")
     };
@@ -340,24 +344,8 @@ async fn same_content_twice_gives_the_same_ami_and_leaves_no_extra_snapshot() {
     let dir = tempfile::tempdir().unwrap();
     let img = image(dir.path());
     let fake = Fake::default();
-    let first = run(
-        &fake,
-        &img,
-        upload_options(false),
-        options(),
-        &CancellationToken::new(),
-    )
-    .await
-    .unwrap();
-    let second = run(
-        &fake,
-        &img,
-        upload_options(false),
-        options(),
-        &CancellationToken::new(),
-    )
-    .await
-    .unwrap();
+    let first = run_plain(&fake, &img).await.unwrap();
+    let second = run_plain(&fake, &img).await.unwrap();
     assert_eq!(first.ami_id(), second.ami_id());
     assert!(matches!(second, Outcome::Existing { uploaded: true, .. }));
     let c = fake.cloud.lock().unwrap();
@@ -386,15 +374,7 @@ async fn a_failing_upload_deletes_the_partial_snapshot() {
         fail_puts_after: Some(2),
         ..Default::default()
     });
-    let err = run(
-        &fake,
-        &img,
-        upload_options(false),
-        options(),
-        &CancellationToken::new(),
-    )
-    .await
-    .unwrap_err();
+    let err = run_plain(&fake, &img).await.unwrap_err();
     let text = err.to_string();
     assert!(
         text.contains("connection refused") && text.contains("deleted snapshot snap-1"),
@@ -452,15 +432,7 @@ async fn a_failed_registration_deletes_the_snapshot() {
         register_fails: true,
         ..Default::default()
     });
-    let err = run(
-        &fake,
-        &img,
-        upload_options(false),
-        options(),
-        &CancellationToken::new(),
-    )
-    .await
-    .unwrap_err();
+    let err = run_plain(&fake, &img).await.unwrap_err();
     assert!(err.to_string().contains("ec2:RegisterImage"), "{err}");
     assert_nothing_left(&fake).await;
 }
@@ -473,15 +445,7 @@ async fn an_ami_that_never_becomes_available_is_rolled_back() {
         never_available: true,
         ..Default::default()
     });
-    let err = run(
-        &fake,
-        &img,
-        upload_options(false),
-        options(),
-        &CancellationToken::new(),
-    )
-    .await
-    .unwrap_err();
+    let err = run_plain(&fake, &img).await.unwrap_err();
     let text = err.to_string();
     assert!(
         text.contains("did not become available") && text.contains("deregistered AMI"),
@@ -495,15 +459,7 @@ async fn a_name_taken_by_other_content_is_refused_without_leftovers() {
     let dir = tempfile::tempdir().unwrap();
     let img = image(dir.path());
     let fake = Fake::default();
-    run(
-        &fake,
-        &img,
-        upload_options(false),
-        options(),
-        &CancellationToken::new(),
-    )
-    .await
-    .unwrap();
+    run_plain(&fake, &img).await.unwrap();
     // Someone else's AMI with our name but another digest.
     {
         let mut c = fake.cloud.lock().unwrap();
@@ -514,15 +470,7 @@ async fn a_name_taken_by_other_content_is_refused_without_leftovers() {
             "sha256-blocks-512k:other".into(),
         ));
     }
-    let err = run(
-        &fake,
-        &img,
-        upload_options(false),
-        options(),
-        &CancellationToken::new(),
-    )
-    .await
-    .unwrap_err();
+    let err = run_plain(&fake, &img).await.unwrap_err();
     assert!(matches!(err, PublishError::NameTaken { .. }), "{err}");
     assert_eq!(
         fake.cloud.lock().unwrap().snapshots.len(),

@@ -10,26 +10,7 @@ use common::moto::{sparse_image, Moto};
 const BLOCK: u64 = 524_288;
 
 fn publish(moto: &Moto, image: &std::path::Path, extra: &[&str]) -> (i32, String, String) {
-    let out = moto
-        .amictl()
-        .args(["image", "publish", "--image"])
-        .arg(image)
-        .args([
-            "--boot-mode",
-            "uefi",
-            "--arch",
-            "x86_64",
-            "--prefix",
-            "test-",
-        ])
-        .args(extra)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    moto.publish_bare(image, "test-", extra)
 }
 
 /// ListSnapshotBlocks over plain HTTP: moto answers BlockIndex as a JSON string, which

@@ -143,26 +143,7 @@ async fn own_snapshots(ec2: &aws_sdk_ec2::Client) -> usize {
 }
 
 fn publish_cli(moto: &Moto, image: &std::path::Path, extra: &[&str]) -> (i32, String, String) {
-    let out = moto
-        .amictl()
-        .args(["image", "publish", "--image"])
-        .arg(image)
-        .args([
-            "--boot-mode",
-            "uefi",
-            "--arch",
-            "x86_64",
-            "--prefix",
-            "test-",
-        ])
-        .args(extra)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    moto.publish_bare(image, "test-", extra)
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -46,18 +46,27 @@ fn settings(image: &str, surge: usize, parallel: bool) -> Settings {
     }
 }
 
-async fn run(
-    cloud: &SimCloud,
-    s: &Settings,
+/// The simulated cloud as every effect of the engine.
+fn engine<'a>(
+    cloud: &'a SimCloud,
+    s: &'a Settings,
     rollout: &str,
-) -> Result<Outcome, amictl::rollout::engine::RolloutError> {
+) -> Engine<'a, SimCloud, SimCloud, SimCloud, SimCloud> {
     let fx = Effects {
         compute: cloud,
         run: cloud,
         lb: Some(cloud),
         alarms: cloud,
     };
-    Engine::new(fx, s, rollout).run().await
+    Engine::new(fx, s, rollout)
+}
+
+async fn run(
+    cloud: &SimCloud,
+    s: &Settings,
+    rollout: &str,
+) -> Result<Outcome, amictl::rollout::engine::RolloutError> {
+    engine(cloud, s, rollout).run().await
 }
 
 async fn abort(
@@ -65,13 +74,7 @@ async fn abort(
     s: &Settings,
     rollout: &str,
 ) -> Result<Outcome, amictl::rollout::engine::RolloutError> {
-    let fx = Effects {
-        compute: cloud,
-        run: cloud,
-        lb: Some(cloud),
-        alarms: cloud,
-    };
-    Engine::new(fx, s, rollout).rollback("aborted").await
+    engine(cloud, s, rollout).rollback("aborted").await
 }
 
 /// The fleet is whole on one image: PER_AZ running instances per AZ, none retiring, each

@@ -16,26 +16,19 @@
 mod common;
 
 use std::path::Path;
-use std::process::Output;
 
-use common::moto::{fleet_instances, moto_rebuild_outputs, stack_outputs, Moto};
+use common::moto::{fleet_instances, moto_rebuild_outputs, output, stack_outputs, Moto};
 
 const STACK: &str = "amictl-test";
 /// Short polls: moto finishes every operation at once.
 const POLL_MS: &str = "20";
 
 fn run(moto: &Moto, state: &Path, args: &[&str]) -> (i32, String, String) {
-    let out: Output = moto
-        .amictl()
-        .env("AMICTL_POLL_MS", POLL_MS)
-        .env("XDG_STATE_HOME", state)
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
+    output(
+        moto.amictl()
+            .env("AMICTL_POLL_MS", POLL_MS)
+            .env("XDG_STATE_HOME", state)
+            .args(args),
     )
 }
 

@@ -122,6 +122,9 @@ fn down_rows(all: &[Instance]) -> Vec<InstanceHealth> {
         .collect()
 }
 
+/// The row a local fleet's dead load balancer gets in place of an instance id.
+const LOAD_BALANCER_ROW: &str = "load-balancer";
+
 /// The local fleet: the same check run here; `--heal` replaces what is unhealthy or down
 /// through the rollout engine, then checks the fleet again.
 async fn local(
@@ -144,7 +147,7 @@ async fn local(
         if !crate::local::balancer::is_running(&store.balancer_dir()) {
             // Every instance may be fine, but nothing reaches them.
             rows.push(InstanceHealth {
-                instance_id: "load-balancer".into(),
+                instance_id: LOAD_BALANCER_ROW.into(),
                 az: "-".into(),
                 image: "-".into(),
                 status: Verdict::Unhealthy,
@@ -164,7 +167,7 @@ async fn local(
         return Ok((rows, None));
     }
     let mut heals = Vec::new();
-    if let Some(row) = rows.iter().find(|r| r.instance_id == "load-balancer") {
+    if let Some(row) = rows.iter().find(|r| r.instance_id == LOAD_BALANCER_ROW) {
         let restart = match lb.ensure_running().await {
             Ok(()) => "restarted".to_owned(),
             Err(e) => format!("restart failed: {e}"),
@@ -178,7 +181,7 @@ async fn local(
     }
     let rows: Vec<InstanceHealth> = rows
         .into_iter()
-        .filter(|r| r.instance_id != "load-balancer")
+        .filter(|r| r.instance_id != LOAD_BALANCER_ROW)
         .collect();
     let sick: Vec<&InstanceHealth> = rows
         .iter()

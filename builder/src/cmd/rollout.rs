@@ -43,8 +43,9 @@ pub struct Args {
     #[arg(long)]
     pub agent: Option<PathBuf>,
     /// Local: the fleet's address, fixed when the fleet is created.
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    pub listen: std::net::SocketAddr,
+    /// [default: 127.0.0.1:8080 for a new fleet; port 0 picks a free port]
+    #[arg(long)]
+    pub listen: Option<std::net::SocketAddr>,
     /// Instances in each availability zone.
     #[arg(long)]
     pub per_az: Option<usize>,
@@ -387,16 +388,13 @@ async fn run_local(args: Args) -> anyhow::Result<i32> {
         );
         return Ok(0);
     }
-    let agent = match &args.agent {
-        Some(p) => crate::local::resolve_agent(Some(p))?,
-        None => match store.load() {
-            // A fleet keeps the agent it was created with unless told otherwise.
-            Ok(s) if s.agent.is_file() => s.agent,
-            _ => crate::local::resolve_agent(None)?,
-        },
-    };
-    // Unless told otherwise, a fleet keeps its size and health command.
+    // Unless told otherwise, a fleet keeps its agent, size and health command.
     let stored = store.load().ok();
+    let agent = match (&args.agent, &stored) {
+        (Some(p), _) => crate::local::resolve_agent(Some(p))?,
+        (None, Some(s)) if s.agent.is_file() => s.agent.clone(),
+        (None, _) => crate::local::resolve_agent(None)?,
+    };
     let per_az = args
         .per_az
         .or(stored.as_ref().map(|s| s.per_az))
@@ -408,8 +406,29 @@ async fn run_local(args: Args) -> anyhow::Result<i32> {
     let health_command = args
         .health_command
         .clone()
-        .or(stored.map(|s| s.health_command))
+        .or(stored.as_ref().map(|s| s.health_command.clone()))
         .unwrap_or_else(|| crate::local::LOCAL_HEALTH_COMMAND.into());
+    // The fleet's URL is fixed when it is created.
+    let listen = match (&stored, args.listen) {
+        (Some(s), Some(l)) if l != s.listen && l.port() != 0 => {
+            eprintln!(
+                "error: fleet {} listens on {}; destroy it first to move it to {l}",
+                args.fleet, s.listen
+            );
+            return Ok(2);
+        }
+        (Some(s), _) => s.listen,
+        (None, l) => {
+            let l = l.unwrap_or(std::net::SocketAddr::from(([127, 0, 0, 1], 8080)));
+            if l.port() == 0 {
+                std::net::TcpListener::bind(l)
+                    .and_then(|bound| bound.local_addr())
+                    .with_context(|| format!("cannot listen on {l}"))?
+            } else {
+                l
+            }
+        }
+    };
     let content = args.content.clone().expect("clap requires --content");
     let release = match crate::local::release::import(
         &store.releases_dir(),
@@ -423,15 +442,7 @@ async fn run_local(args: Args) -> anyhow::Result<i32> {
         }
     };
     info!(release = %release.id, version = %release.version, "release");
-    // Port 0: any free port, fixed from then on (the fleet's URL must not move).
-    let listen = if args.listen.port() == 0 {
-        let l = std::net::TcpListener::bind(args.listen)
-            .with_context(|| format!("cannot listen on {}", args.listen))?;
-        l.local_addr()?
-    } else {
-        args.listen
-    };
-    let existing = store.create(FleetState {
+    store.create(FleetState {
         fleet: args.fleet.clone(),
         listen,
         agent: agent.clone(),
@@ -442,19 +453,12 @@ async fn run_local(args: Args) -> anyhow::Result<i32> {
         targets: Vec::new(),
         instances: Default::default(),
     })?;
-    if existing.listen != listen && args.listen != default_listen() && args.listen.port() != 0 {
-        eprintln!(
-            "error: fleet {} listens on {}; destroy it first to move it to {}",
-            args.fleet, existing.listen, args.listen
-        );
-        return Ok(2);
-    }
     // Instances launch with the fleet's agent; the size and health command become the
     // fleet's only when the rollout succeeds (a failed one must not change what `health`
     // runs).
-    store.update(|s| {
+    let current = store.update(|s| {
         s.agent = agent.clone();
-        Ok::<_, crate::local::state::StateError>(())
+        Ok::<_, crate::local::state::StateError>(s.clone())
     })?;
     let compute = LocalCompute::new(store.clone());
     let run = LocalRunCommand {
@@ -478,9 +482,12 @@ async fn run_local(args: Args) -> anyhow::Result<i32> {
         bake: Duration::from_secs(args.bake.unwrap_or(0)),
         prefix: args.prefix.clone().unwrap_or_else(|| "amictl-".into()),
     };
-    let mut next = store.load()?;
-    next.per_az = per_az;
-    next.health_command = health_command.clone();
+    let before: Vec<String> = current.instances.keys().cloned().collect();
+    let next = FleetState {
+        per_az,
+        health_command: health_command.clone(),
+        ..current
+    };
     let settings = crate::local::settings(&next, &release.id, &tuning);
     let fx = Effects {
         compute: &compute,
@@ -488,7 +495,6 @@ async fn run_local(args: Args) -> anyhow::Result<i32> {
         lb: Some(&lb),
         alarms: &NoAlarms,
     };
-    let before: Vec<String> = store.load()?.instances.into_keys().collect();
     let code = drive(&args, fx, &settings, Some(crate::local::journal(&store))).await?;
     if code == 0 {
         // What `health --heal` restores from now on.
@@ -510,10 +516,6 @@ async fn run_local(args: Args) -> anyhow::Result<i32> {
         }
     }
     Ok(code)
-}
-
-fn default_listen() -> std::net::SocketAddr {
-    "127.0.0.1:8080".parse().expect("a valid address")
 }
 
 async fn placements(

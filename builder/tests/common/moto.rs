@@ -75,6 +75,30 @@ impl Moto {
         cmd
     }
 
+    /// `amictl image publish --image FILE` of a bare UEFI x86_64 image, its AMI named
+    /// `{prefix}…`: exit code, stdout, stderr.
+    pub fn publish_bare(
+        &self,
+        image: &Path,
+        prefix: &str,
+        extra: &[&str],
+    ) -> (i32, String, String) {
+        output(
+            self.amictl()
+                .args(["image", "publish", "--image"])
+                .arg(image)
+                .args([
+                    "--boot-mode",
+                    "uefi",
+                    "--arch",
+                    "x86_64",
+                    "--prefix",
+                    prefix,
+                ])
+                .args(extra),
+        )
+    }
+
     /// SDK configuration for checking what amictl did.
     pub async fn sdk_config(&self) -> aws_config::SdkConfig {
         aws_config::defaults(aws_config::BehaviorVersion::latest())
@@ -93,6 +117,16 @@ impl Drop for Moto {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Runs `cmd` with stdin closed: its exit code (-1 for a signal), stdout and stderr.
+pub fn output(cmd: &mut Command) -> (i32, String, String) {
+    let out = cmd.stdin(Stdio::null()).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// A sparse raw image: `size` bytes, pseudo-random data at the given (offset, len) spans,
