@@ -29,20 +29,16 @@
       # release, e.g. "1a2b3c4-nixos-26.05". A dirty tree has no revision.
       releaseVersion = "${self.shortRev or "dirty"}-nixos-${lib.trivial.release}";
 
+      # How the Rust workspace is built: the files it reads, the profile, and each package's
+      # and check's cargo flags, kept in Cargo.toml's [workspace.metadata.nix] so that
+      # `.ci/nix-rust` runs the very same cargo commands without Nix.
+      rustBuild = (lib.importTOML ./Cargo.toml).workspace.metadata.nix;
+
       # What the Rust build reads, and nothing else, so that editing the README or the
-      # Nix files does not rebuild the binaries. When a crate starts to `include_str!` from
-      # another directory (a `stack/` or `policy/` directory, say), it goes in this list.
+      # Nix files does not rebuild the binaries.
       rustSource = lib.fileset.toSource {
         root = ./.;
-        fileset = lib.fileset.unions [
-          ./Cargo.toml
-          ./Cargo.lock
-          ./agent
-          ./builder
-          (lib.fileset.maybeMissing ./tests)
-          (lib.fileset.maybeMissing ./stack)
-          (lib.fileset.maybeMissing ./policy)
-        ];
+        fileset = lib.fileset.unions (map (path: ./. + "/${path}") rustBuild.source);
       };
 
       # The source the site publishes as source.zip: the flake's source (for a git flake,
@@ -61,32 +57,49 @@
 
       cargoVersion = (lib.importTOML ./Cargo.toml).workspace.package.version;
 
-      # One workspace, one Cargo.lock: each package builds and tests its own member.
+      # One workspace, one Cargo.lock: each package (or check) builds and tests what its
+      # entry in [workspace.metadata.nix] names. Tests that need moto or AWS skip themselves
+      # (no AWS_ENDPOINT_URL, no moto_server in the sandbox); the rest use loopback only.
+      workspaceBuild =
+        pkgs: unit: attrs:
+        pkgs.rustPlatform.buildRustPackage (
+          {
+            version = cargoVersion;
+            src = rustSource;
+            cargoLock.lockFile = ./Cargo.lock;
+            buildType = rustBuild.build-type;
+            cargoBuildFlags = unit.build-flags;
+            cargoTestFlags = unit.test-flags;
+          }
+          // attrs
+        );
+
       workspaceMember =
         pkgs:
         {
           pname,
-          member,
           mainProgram,
           description,
           extraAttrs ? { },
         }:
-        pkgs.rustPlatform.buildRustPackage (
+        let
+          unit = rustBuild.packages.${pname};
+          # A package's wrapper variables name other packages' binaries (amictl -> ami-agent).
+          wrap = unit.wrap or { };
+        in
+        workspaceBuild pkgs unit (
           {
             inherit pname;
-            version = cargoVersion;
-            src = rustSource;
-            cargoLock.lockFile = ./Cargo.lock;
-            cargoBuildFlags = [
-              "-p"
-              member
-            ];
-            # Tests that need moto or AWS skip themselves (no AWS_ENDPOINT_URL, no
-            # moto_server in the sandbox); the agent's tests use loopback only.
-            cargoTestFlags = [
-              "-p"
-              member
-            ];
+            nativeBuildInputs = lib.optional (wrap != { }) pkgs.makeWrapper;
+            postInstall = lib.optionalString (wrap != { }) ''
+              wrapProgram $out/bin/${mainProgram} ${
+                lib.concatStringsSep " " (
+                  lib.mapAttrsToList (
+                    var: ref: "--set-default ${var} ${lib.getExe' pkgs.${ref.package} ref.exe}"
+                  ) wrap
+                )
+              }
+            '';
             meta = {
               inherit description mainProgram;
               license = lib.licenses.asl20;
@@ -95,6 +108,28 @@
           }
           // extraAttrs
         );
+
+      # The tests in tests/ (amictl driving ami-agent: the local fleet end to end), run in
+      # the sandbox against the packages themselves, wrapper included. Its output only says
+      # that they passed.
+      crossCrateTests =
+        pkgs:
+        let
+          unit = rustBuild.checks.cross-crate;
+        in
+        workspaceBuild pkgs unit {
+          pname = "amictl-cross-crate-tests";
+          preCheck = lib.concatStrings (
+            lib.mapAttrsToList (
+              var: ref: "export ${var}=${lib.getExe' pkgs.${ref.package} ref.exe}\n"
+            ) unit.binaries
+          );
+          installPhase = ''
+            runHook preInstall
+            touch $out
+            runHook postInstall
+          '';
+        };
     in
     {
       # The packages, built with whatever nixpkgs they are applied to: NixOS configurations
@@ -103,14 +138,12 @@
       overlays.default = final: _prev: {
         ami-agent = workspaceMember final {
           pname = "ami-agent";
-          member = "agent";
           mainProgram = "ami-agent";
           description = "Serves an amictl release, heals it, reports drift and answers health checks";
         };
 
         amictl = workspaceMember final {
           pname = "amictl";
-          member = "builder";
           mainProgram = "amictl";
           description = "Publish NixOS images as AMIs and roll fleets onto them";
           # The archive tests compare git-listed and walked trees.
@@ -138,7 +171,9 @@
           # The raw EC2 image: result/<name>.img and result/nix-support/image-info.json.
           ami = self.nixosConfigurations."ami-${archOf system}".config.system.build.amazonImage;
 
-          # The same agent and site for local runs and CI: `docker load < result`.
+          # The same agent and site for local runs and CI: `docker load < result`. The site is
+          # served from the read-only store path: it cannot drift, so there is nothing to
+          # heal in place; a failing container is replaced by its orchestrator.
           container = pkgs.dockerTools.buildLayeredImage {
             name = "amictl-agent";
             tag = releaseVersion;
@@ -214,7 +249,7 @@
             )
           ) (lib.filterAttrs (file: type: type == "regular" && lib.hasSuffix ".nix" file) (builtins.readDir ./nixos/tests));
         in
-        packages // vmTests
+        packages // vmTests // { cross-crate = crossCrateTests pkgs; }
       );
 
       devShells = forAllSystems (

@@ -18,6 +18,9 @@
     (modulesPath + "/../maintainers/scripts/ec2/amazon-image.nix")
     ./appliance.nix
     ./image.nix
+    # The host name from instance metadata (see there why neither upstream's unit nor
+    # dhcpcd sets it in this image).
+    ./ec2-hostname.nix
   ];
 
   # amictl uploads the snapshot with the EBS direct APIs, which take raw disk images only.
@@ -34,8 +37,8 @@
 
   # No key pairs: `apply-ec2-data` copies the launch key pair into root's
   # authorized_keys, from what `fetch-ec2-metadata` downloads (key, user data, host name).
-  # Neither has a use without SSH. The host name then comes from DHCP (the EC2 private
-  # DNS name), as networking.hostName stays "" (amazon image default).
+  # Neither has a use without SSH. networking.hostName stays "" (the amazon image's
+  # default), and ./ec2-hostname.nix sets the EC2 private DNS name at boot.
   systemd.services.fetch-ec2-metadata.enable = false;
   systemd.services.apply-ec2-data.enable = false;
   # Prints SSH host keys to the console; there are none.
@@ -57,6 +60,10 @@
     {
       assertion = config.boot.growPartition && config.fileSystems."/".autoResize;
       message = "the AMI must grow its root partition and file system to the EBS volume";
+    }
+    {
+      assertion = config.systemd.services ? ec2-hostname;
+      message = "the AMI must take its host name from instance metadata (leave networking.hostName empty)";
     }
     {
       assertion = !config.services.openssh.enable;

@@ -159,6 +159,8 @@ pub const GRANTS: &[Grant] = &[
             (LIST_INSTANCES, "ec2:DescribeInstances"),
             (PUBLISH, "ec2:DescribeSnapshots"),
             (PUBLISH, "ec2:DescribeImportSnapshotTasks"),
+            // `--omit-zero-blocks` is refused where new volumes are encrypted by default.
+            (PUBLISH, "ec2:GetEbsEncryptionByDefault"),
             (&[Rollout, Stack], "ec2:DescribeSubnets"),
             (
                 &[Rollout, Stack],
@@ -610,6 +612,8 @@ pub const GRANTS: &[Grant] = &[
 /// `"*"` without a condition.
 pub const UNSCOPED_ACTIONS: &[&str] = &[
     "ec2:CancelImportTask",
+    // An account-wide setting, read-only: it has no resource.
+    "ec2:GetEbsEncryptionByDefault",
     "ec2:ImportSnapshot",
     "ssm:CancelCommand",
     "ssm:GetCommandInvocation",
@@ -989,6 +993,7 @@ mod tests {
         let publish = actions(&only(Publish));
         for a in [
             "ebs:StartSnapshot",
+            "ec2:GetEbsEncryptionByDefault",
             "ec2:RegisterImage",
             "ec2:ImportSnapshot",
             "s3:PutObject",

@@ -35,7 +35,12 @@
       };
   };
 
-  testScript = ''
+  testScript =
+    { nodes, ... }:
+    # The configuration, where a VM test cannot look: a test VM never has a channel
+    # directory whatever the setting, so the setting itself is what is checked.
+    assert !nodes.server.nix.channel.enable;
+    ''
     start_all()
     server.wait_for_unit("ami-agent.service")
     server.wait_for_open_port(80)
@@ -60,7 +65,8 @@
         server.succeed("/run/current-system/sw/bin/ami-agent check")
 
     with subtest("a small closure: no channel, no rebuild tools, no manuals"):
-        server.fail("test -e /nix/var/nix/profiles/per-user/root/channels")
+        # nix.channel.enable = false removes nix-channel from the system's nix.
+        server.fail("command -v nix-channel")
         server.fail("command -v nixos-rebuild")
         server.fail("command -v nixos-option")
         server.fail("command -v man")

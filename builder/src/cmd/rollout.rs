@@ -39,7 +39,8 @@ pub struct Args {
     /// Local: the release manifest the content must match (`ami-agent manifest`).
     #[arg(long, requires = "content")]
     pub manifest: Option<PathBuf>,
-    /// Local: the ami-agent binary [default: next to amictl, else on PATH].
+    /// Local: the ami-agent binary [default: the fleet's, else $AMICTL_AGENT, else next to
+    /// amictl, else on PATH].
     #[arg(long)]
     pub agent: Option<PathBuf>,
     /// Local: the fleet's address, fixed when the fleet is created.
@@ -178,13 +179,19 @@ async fn run_aws(args: Args) -> anyhow::Result<i32> {
         .await
         .map_err(|e| crate::aws::classify("ec2:DescribeImages", e))
     {
-        Ok(out) => !out.images().is_empty(),
-        Err(crate::aws::AwsError::NotFound(_)) => false,
-        Err(e) if e.to_string().contains("InvalidAMIID") => false,
+        Ok(out) => out.images().first().map(crate::fleet::ec2::image_tags),
+        Err(crate::aws::AwsError::NotFound(_)) => None,
+        Err(e) if e.to_string().contains("InvalidAMIID") => None,
         Err(e) => return Err(e).context("looking up the AMI"),
     };
-    if !found {
+    let Some(tags) = found else {
         eprintln!("error: AMI {} does not exist in this account and region (publish it with `amictl image publish`)", fleet.ami);
+        return Ok(2);
+    };
+    // Every instance gets an encrypted root volume, on which a sparse snapshot's missing
+    // blocks read as random bytes.
+    if let Some(why) = crate::image::register::sparse_refusal(&fleet.ami, &tags) {
+        eprintln!("error: {why}");
         return Ok(2);
     }
     let placements = placements(&ec2, &fleet.subnets).await?;

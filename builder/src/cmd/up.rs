@@ -128,6 +128,14 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
         eprintln!("error: --per-az must be at least 1");
         return Ok(2);
     }
+    if args.publish.omit_zero_blocks {
+        eprintln!(
+            "error: --omit-zero-blocks: `up` launches every instance with an encrypted root \
+             volume, on which blocks left out of a sparse snapshot read back as random bytes; \
+             drop --omit-zero-blocks"
+        );
+        return Ok(2);
+    }
     let image = match &args.image {
         Some(dir) => match ImageSource::from_result_dir(dir, args.publish.boot_mode) {
             Ok(i) => Some(i),

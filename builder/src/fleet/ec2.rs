@@ -157,6 +157,12 @@ impl Ec2Compute {
                 "image {image} does not exist (or is not visible to this account)"
             ))
         })?;
+        // The root volume below is always encrypted: a sparse snapshot's missing blocks
+        // would read as random bytes there. `rollout` refuses this earlier; a replacement
+        // launched later (`health --heal`) must not slip through either.
+        if let Some(why) = crate::image::register::sparse_refusal(image, &image_tags(found)) {
+            return Err(CloudError::Other(why));
+        }
         let device = found
             .root_device_name()
             .filter(|d| !d.is_empty())
@@ -180,6 +186,15 @@ impl Ec2Compute {
             .map(|_| ())
             .map_err(|e| classify("ec2:TerminateInstances", e))
     }
+}
+
+/// An image's tags as pairs.
+pub fn image_tags(image: &aws_sdk_ec2::types::Image) -> Vec<(String, String)> {
+    image
+        .tags()
+        .iter()
+        .filter_map(|t| Some((t.key()?.to_owned(), t.value()?.to_owned())))
+        .collect()
 }
 
 fn ec2_tags(tags: &[(&str, String)]) -> Vec<Tag> {

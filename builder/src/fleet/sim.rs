@@ -21,6 +21,11 @@ use super::{
 pub struct Faults {
     /// Instances of this image never pass the health command.
     pub bad_image: Option<String>,
+    /// AMIs whose snapshot leaves zero blocks out (published with `--omit-zero-blocks`).
+    /// Every root volume here is encrypted, as EC2Compute launches them, so those blocks
+    /// read back as random bytes: the instances boot into a corrupted file system and never
+    /// pass the health command.
+    pub sparse_images: Vec<String>,
     /// Run Command cannot reach a new instance for this long after it is running.
     pub unreachable_for: Duration,
     /// This fraction of Run Command calls fail as throttled.
@@ -167,6 +172,7 @@ fn view(n: &Node, now: Instant) -> Instance {
 
 fn healthy_image(w: &World, image: &str) -> bool {
     w.faults.bad_image.as_deref() != Some(image)
+        && !w.faults.sparse_images.iter().any(|s| s == image)
 }
 
 fn target_state(w: &World, id: &str, now: Instant) -> TargetState {

@@ -27,6 +27,18 @@ impl AwsImages {
             ec2: aws_sdk_ec2::Client::new(config),
         }
     }
+
+    /// Whether the account encrypts every new EBS volume in this region: then no volume
+    /// made from a snapshot is unencrypted, and a sparse snapshot is never safe.
+    pub async fn encrypts_by_default(&self) -> Result<bool, AwsError> {
+        let out = self
+            .ec2
+            .get_ebs_encryption_by_default()
+            .send()
+            .await
+            .map_err(|e| classify("ec2:GetEbsEncryptionByDefault", e))?;
+        Ok(out.ebs_encryption_by_default().unwrap_or(false))
+    }
 }
 
 fn ec2_tags(tags: &[(String, String)]) -> Vec<Tag> {

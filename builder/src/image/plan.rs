@@ -1,9 +1,13 @@
 //! Which 512 KiB blocks of an image go to the snapshot. Pure: the data extents come from
 //! the filesystem (SEEK_DATA/SEEK_HOLE) elsewhere.
 //!
-//! Absent blocks of an *unencrypted* snapshot read back as zeros, so holes and all-zero
-//! blocks are skipped there. Absent blocks of an *encrypted* snapshot read back as random
-//! data (coldsnap #395), so there every block is uploaded, zeros included.
+//! Every block goes, holes and zeros included, unless the caller asks to omit zero blocks.
+//! A block absent from a snapshot reads back as zeros only on an *unencrypted* volume; on
+//! an encrypted one (every volume amictl launches, and every volume in an account that
+//! encrypts by default) it reads back as the decryption of zeros under the volume's key:
+//! random bytes where the image had zeros (bottlerocket-os/bottlerocket #2169,
+//! awslabs/coldsnap #395 and #470). A file system may rely on such zeroed regions (ext4's
+//! lazily initialised inode tables), so a sparse snapshot can boot corrupted.
 
 use std::ops::Range;
 
@@ -51,9 +55,10 @@ pub fn plan(size: u64, data: &[Range<u64>]) -> Vec<Planned> {
     out
 }
 
-/// Whether a block must be uploaded.
-pub fn must_upload(is_zero: bool, encrypted: bool) -> bool {
-    encrypted || !is_zero
+/// Whether a block must be uploaded: always, unless it is all zeros and the caller asked
+/// for a sparse snapshot (safe only for unencrypted volumes).
+pub fn must_upload(is_zero: bool, omit_zero_blocks: bool) -> bool {
+    !(is_zero && omit_zero_blocks)
 }
 
 /// All-zero test, 16 bytes at a time (the compiler vectorises it).
@@ -98,10 +103,13 @@ mod tests {
     }
 
     #[test]
-    fn encryption_uploads_zeros() {
+    fn zero_blocks_go_unless_omitted() {
+        // By default every block goes, zeros included.
         assert!(must_upload(false, false));
-        assert!(!must_upload(true, false));
-        assert!(must_upload(true, true));
+        assert!(must_upload(true, false));
+        // Asked for a sparse snapshot: zero blocks stay out, data never does.
+        assert!(must_upload(false, true));
+        assert!(!must_upload(true, true));
     }
 
     #[test]

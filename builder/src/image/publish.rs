@@ -15,7 +15,7 @@ use crate::aws::AwsError;
 use super::cache::DigestCache;
 use super::info::ImageSource;
 use super::register::{
-    build_spec, digest_tag, validate_prefix, RegisterSpec, SpecError, TAG_DIGEST, TAG_STORE_PATH,
+    build_spec, digest_tag, RegisterSpec, SpecError, TAG_DIGEST, TAG_SPARSE, TAG_STORE_PATH,
 };
 use super::upload::{jitter, upload, SnapshotStore, UploadError, UploadOptions, Uploaded};
 
@@ -38,6 +38,11 @@ impl AmiRecord {
             .iter()
             .find(|(k, _)| k == key)
             .map(|(_, v)| v.as_str())
+    }
+
+    /// Published with `--omit-zero-blocks`: never to back an encrypted volume.
+    pub fn sparse(&self) -> bool {
+        self.tag(TAG_SPARSE) == Some("true")
     }
 }
 
@@ -119,6 +124,10 @@ pub struct PublishOptions {
     pub prefix: String,
     pub tpm_v2: bool,
     pub keep_on_failure: bool,
+    /// The uploader leaves zero blocks out (a sparse snapshot): tag and name it so. A
+    /// sparse publish may reuse a whole AMI of the same content; a whole one never reuses
+    /// a sparse one.
+    pub omit_zero_blocks: bool,
     /// How long a new AMI may stay `pending`.
     pub available_deadline: Duration,
 }
@@ -182,15 +191,17 @@ pub enum PublishError {
     Interrupted { cleanup: String },
 }
 
-/// The first available AMI carrying `key=value`.
+/// The newest available AMI carrying `key=value`, a whole one before a sparse one; a sparse
+/// one only if `sparse_ok`.
 async fn find_available<R: ImageRegistry>(
     registry: &R,
     key: &str,
     value: &str,
+    sparse_ok: bool,
 ) -> Result<Option<AmiRecord>, AwsError> {
     let mut found = registry.find(&[(key, value)]).await?;
-    found.retain(|a| a.state == "available");
-    found.sort_by(|a, b| b.created.cmp(&a.created));
+    found.retain(|a| a.state == "available" && (sparse_ok || !a.sparse()));
+    found.sort_by(|a, b| (a.sparse(), &b.created).cmp(&(b.sparse(), &a.created)));
     Ok(found.into_iter().next())
 }
 
@@ -217,13 +228,23 @@ pub async fn publish<S: SnapshotStore, R: ImageRegistry, U: Uploader>(
         cache,
     } = services;
     let (store, registry, uploader, cache) = (&**store, *registry, *uploader, *cache);
-    validate_prefix(&opts.prefix)?;
+    // Everything RegisterImage will be asked is checked before a byte is uploaded (the
+    // digest and snapshot here are stand-ins), so a bad flag leaves nothing behind.
+    build_spec(
+        image,
+        &"0".repeat(64),
+        "snap-check",
+        &opts.prefix,
+        opts.tpm_v2,
+        opts.omit_zero_blocks,
+    )?;
 
     // Content addressing, before reading a byte: the Nix store path, then a remembered digest.
     if let Some(store_path) = &image.store_path {
-        if let Some(ami) = find_available(registry, TAG_STORE_PATH, store_path)
-            .await
-            .map_err(PublishError::Lookup)?
+        if let Some(ami) =
+            find_available(registry, TAG_STORE_PATH, store_path, opts.omit_zero_blocks)
+                .await
+                .map_err(PublishError::Lookup)?
         {
             info!(ami = %ami.id, %store_path, "an AMI of this store path exists; nothing to upload");
             return Ok(Outcome::Existing {
@@ -234,9 +255,14 @@ pub async fn publish<S: SnapshotStore, R: ImageRegistry, U: Uploader>(
         }
     }
     if let Some(digest) = cache.and_then(|c| c.get(&image.path)) {
-        if let Some(ami) = find_available(registry, TAG_DIGEST, &digest_tag(&digest))
-            .await
-            .map_err(PublishError::Lookup)?
+        if let Some(ami) = find_available(
+            registry,
+            TAG_DIGEST,
+            &digest_tag(&digest),
+            opts.omit_zero_blocks,
+        )
+        .await
+        .map_err(PublishError::Lookup)?
         {
             info!(ami = %ami.id, %digest, "an AMI with this content exists; nothing to upload");
             return Ok(Outcome::Existing {
@@ -286,7 +312,14 @@ pub async fn publish<S: SnapshotStore, R: ImageRegistry, U: Uploader>(
     info!(%snapshot_id, digest = %uploaded.digest, blocks = uploaded.blocks_uploaded, "snapshot completed");
 
     // The same content under another path (or a race with another publish).
-    match find_available(registry, TAG_DIGEST, &digest_tag(&uploaded.digest)).await {
+    match find_available(
+        registry,
+        TAG_DIGEST,
+        &digest_tag(&uploaded.digest),
+        opts.omit_zero_blocks,
+    )
+    .await
+    {
         Ok(Some(ami)) => {
             let cleanup = clean_up(store, registry, None, Some(&snapshot_id), false).await;
             info!(ami = %ami.id, "an AMI with this content already exists{cleanup}");
@@ -313,6 +346,7 @@ pub async fn publish<S: SnapshotStore, R: ImageRegistry, U: Uploader>(
         &snapshot_id,
         &opts.prefix,
         opts.tpm_v2,
+        opts.omit_zero_blocks,
     )?;
     if let Err(source) = registry
         .tag(std::slice::from_ref(&snapshot_id), &spec.tags)

@@ -15,6 +15,24 @@ pub const TAG_PREFIX: &str = "amictl:prefix";
 pub const TAG_MANAGED_BY: &str = "amictl:managed-by";
 pub const TAG_LABEL: &str = "amictl:label";
 pub const TAG_SNAPSHOT: &str = "amictl:snapshot-id";
+/// `true` on the snapshot and AMI of an image published with `--omit-zero-blocks`: its
+/// snapshot leaves zero blocks out, so it must never back an encrypted volume.
+pub const TAG_SPARSE: &str = "amictl:sparse";
+
+/// Why a launch of `ami_id` onto an encrypted root volume is refused, if its tags say it
+/// is sparse. Launches always encrypt the root volume, so this is every launch amictl makes.
+pub fn sparse_refusal(ami_id: &str, tags: &[(String, String)]) -> Option<String> {
+    tags.iter()
+        .any(|(k, v)| k == TAG_SPARSE && v == "true")
+        .then(|| {
+            format!(
+            "AMI {ami_id} was published with --omit-zero-blocks ({TAG_SPARSE}=true): its snapshot \
+             leaves zero blocks out, and on the encrypted root volume every amictl instance gets \
+             those blocks read back as random bytes, not zeros, so the file system would boot \
+             corrupted. Publish the image again without --omit-zero-blocks and roll out that AMI"
+        )
+        })
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RegisterSpec {
@@ -59,10 +77,16 @@ pub fn tags(image: &ImageSource, digest: &str, prefix: &str, name: &str) -> Vec<
     tags
 }
 
-/// `{prefix}{label}-{system}-{first 12 hex of the digest}`, with characters AMI names do
-/// not allow replaced by `-`, cut to 128 characters keeping the hash.
-pub fn ami_name(prefix: &str, label: &str, arch: Arch, digest: &str) -> String {
-    let suffix = format!("-{}-{}", arch.nix_system(), &digest[..12.min(digest.len())]);
+/// `{prefix}{label}-{system}-{first 12 hex of the digest}` (then `-sparse` for a sparse
+/// snapshot, so the two publications of one image never compete for a name), with
+/// characters AMI names do not allow replaced by `-`, cut to 128 characters keeping the hash.
+pub fn ami_name(prefix: &str, label: &str, arch: Arch, digest: &str, sparse: bool) -> String {
+    let suffix = format!(
+        "-{}-{}{}",
+        arch.nix_system(),
+        &digest[..12.min(digest.len())],
+        if sparse { "-sparse" } else { "" }
+    );
     let clean = |s: &str| -> String {
         s.chars()
             .map(|c| {
@@ -96,6 +120,7 @@ pub fn build_spec(
     snapshot_id: &str,
     prefix: &str,
     tpm_v2: bool,
+    sparse: bool,
 ) -> Result<RegisterSpec, SpecError> {
     validate_prefix(prefix)?;
     if tpm_v2 && (image.arch != Arch::X86_64 || image.boot_mode == BootMode::LegacyBios) {
@@ -104,8 +129,11 @@ pub fn build_spec(
             boot: image.boot_mode.as_aws(),
         });
     }
-    let name = ami_name(prefix, &image.label, image.arch, digest);
+    let name = ami_name(prefix, &image.label, image.arch, digest, sparse);
     let mut tags = tags(image, digest, prefix, &name);
+    if sparse {
+        tags.push((TAG_SPARSE.to_owned(), "true".to_owned()));
+    }
     // Lets `image gc` find the snapshot even where the block device mapping is not reported.
     tags.push((TAG_SNAPSHOT.to_owned(), snapshot_id.to_owned()));
     let mut description = format!(
@@ -155,6 +183,7 @@ mod tests {
             "snap-1",
             "demo-",
             false,
+            false,
         )
         .unwrap();
         assert_eq!(
@@ -180,22 +209,65 @@ mod tests {
         );
         assert_eq!(tag(TAG_PREFIX), Some("demo-"));
         assert_eq!(tag("Name"), Some(s.name.as_str()));
+        assert_eq!(tag(TAG_SPARSE), None);
+        assert_eq!(sparse_refusal("ami-1", &s.tags), None);
+    }
+
+    #[test]
+    fn a_sparse_image_is_named_and_tagged_so_and_refused_for_launch() {
+        let s = build_spec(
+            &image(Arch::X86_64, BootMode::Uefi),
+            D,
+            "s",
+            "demo-",
+            false,
+            true,
+        )
+        .unwrap();
+        assert_eq!(
+            s.name,
+            "demo-26.05.20260801.02e0898-x86_64-linux-0123456789ab-sparse"
+        );
+        assert!(s.tags.contains(&(TAG_SPARSE.to_owned(), "true".to_owned())));
+        let why = sparse_refusal("ami-1", &s.tags).unwrap();
+        assert!(why.contains("ami-1") && why.contains("encrypted"), "{why}");
+        assert!(why.contains("without --omit-zero-blocks"), "{why}");
+        let long = ami_name("p-", &"x".repeat(300), Arch::X86_64, D, true);
+        assert!(
+            long.len() <= 128 && long.ends_with("-0123456789ab-sparse"),
+            "{long}"
+        );
     }
 
     #[test]
     fn tpm_only_for_uefi_x86() {
         assert!(
-            build_spec(&image(Arch::X86_64, BootMode::Uefi), D, "s", "", true)
-                .unwrap()
-                .tpm_v2
+            build_spec(
+                &image(Arch::X86_64, BootMode::Uefi),
+                D,
+                "s",
+                "",
+                true,
+                false
+            )
+            .unwrap()
+            .tpm_v2
         );
-        assert!(build_spec(&image(Arch::Arm64, BootMode::Uefi), D, "s", "", true).is_err());
-        assert!(build_spec(&image(Arch::X86_64, BootMode::LegacyBios), D, "s", "", true).is_err());
+        assert!(build_spec(&image(Arch::Arm64, BootMode::Uefi), D, "s", "", true, false).is_err());
+        assert!(build_spec(
+            &image(Arch::X86_64, BootMode::LegacyBios),
+            D,
+            "s",
+            "",
+            true,
+            false
+        )
+        .is_err());
     }
 
     #[test]
     fn names_are_cleaned_and_bounded() {
-        let n = ami_name("my prefix!", &"x".repeat(300), Arch::Arm64, D);
+        let n = ami_name("my prefix!", &"x".repeat(300), Arch::Arm64, D, false);
         assert!(n.len() <= 128);
         assert!(n.starts_with("my-prefix-"));
         assert!(n.ends_with("-aarch64-linux-0123456789ab"));
@@ -204,6 +276,7 @@ mod tests {
             D,
             "s",
             "bad prefix",
+            false,
             false
         )
         .is_err());

@@ -1,7 +1,8 @@
-//! The upload engine: a reader thread walks the image's data extents block by block and
-//! hands non-zero blocks to upload workers; the workers hash each block (spreading the
-//! hashing over every core) and put it. Holes are never read. The store is a trait, so the
-//! engine is tested against an in-memory fake and runs against EBS direct APIs.
+//! The upload engine: a reader thread walks the image block by block and hands every block
+//! to upload workers (see `plan` for why zero blocks go too); the workers hash each block
+//! (spreading the hashing over every core) and put it. Holes are never read nor hashed:
+//! they go as one shared zero buffer with its precomputed checksum. The store is a trait,
+//! so the engine is tested against an in-memory fake and runs against EBS direct APIs.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -74,6 +75,9 @@ pub trait SnapshotStore: Send + Sync + 'static {
 pub struct UploadOptions {
     pub concurrency: usize,
     pub encrypted: bool,
+    /// Leave all-zero blocks out of the snapshot (a sparse snapshot). Only for snapshots
+    /// whose volumes are never encrypted: see `plan`. The caller refuses it otherwise.
+    pub omit_zero_blocks: bool,
     pub kms_key_arn: Option<String>,
     pub description: String,
     pub tags: Vec<(String, String)>,
@@ -93,6 +97,7 @@ impl Default for UploadOptions {
             // laptop's uplink full without exhausting file descriptors.
             concurrency: 64,
             encrypted: false,
+            omit_zero_blocks: false,
             kms_key_arn: None,
             description: String::new(),
             tags: Vec::new(),
@@ -118,6 +123,14 @@ pub struct Uploaded {
 pub enum UploadError {
     #[error("reading {}: {source}", path.display())]
     Read { path: PathBuf, source: io::Error },
+    #[error("{} changed while it was uploaded ({what}): the snapshot would not hold the image; publish it again once nothing writes to it", path.display())]
+    Changed { path: PathBuf, what: String },
+    #[error("{snapshot_id} got {uploaded} blocks where the plan has {planned}: not completing it")]
+    BlockCount {
+        snapshot_id: String,
+        planned: u64,
+        uploaded: u64,
+    },
     #[error("starting the snapshot: {0}")]
     Start(AwsError),
     #[error("uploading block {index} of {snapshot_id}: {source}")]
@@ -189,10 +202,14 @@ pub async fn upload<S: SnapshotStore>(
 
     let (tx, rx) = mpsc::channel::<Job>(opts.concurrency.max(1));
     let size = image.size;
-    let encrypted = opts.encrypted;
+    // An encrypted snapshot never omits a block, whatever the caller asked.
+    let omit = opts.omit_zero_blocks && !opts.encrypted;
     let reader_progress = progress.clone();
-    let reader =
-        std::thread::spawn(move || read_blocks(&file, size, encrypted, &tx, &reader_progress));
+    let checked = file.try_clone().map_err(|source| UploadError::Read {
+        path: image.path.clone(),
+        source,
+    })?;
+    let reader = std::thread::spawn(move || read_blocks(&file, size, omit, &tx, &reader_progress));
 
     let stop = cancel.child_token();
     let rx = Arc::new(Mutex::new(rx));
@@ -238,12 +255,43 @@ pub async fn upload<S: SnapshotStore>(
     if let Some(e) = failure {
         return Err(e);
     }
-    let (blocks_total, bytes_read) = read.map_err(|source| UploadError::Read {
+    let read = read.map_err(|e| match e {
+        ReadError::Io(source) => UploadError::Read {
+            path: image.path.clone(),
+            source,
+        },
+        ReadError::Changed(what) => UploadError::Changed {
+            path: image.path.clone(),
+            what,
+        },
+    })?;
+    let blocks_total = read.blocks;
+    let bytes_read = read.bytes_read;
+    // Holes were taken on trust from the hole map and blocks were read at different
+    // times: the file must still be what it was when the reading began (size, hole map,
+    // mtime), or the snapshot may hold a mix of two images.
+    let now = fingerprint(&checked, size).map_err(|source| UploadError::Read {
         path: image.path.clone(),
         source,
     })?;
+    if let Some(what) = read.before.changed(&now) {
+        return Err(UploadError::Changed {
+            path: image.path.clone(),
+            what,
+        });
+    }
 
+    // Every block the plan sent must be in the snapshot, and by default that is every
+    // block of the image: CompleteSnapshot would otherwise seal a snapshot that is not it.
     let uploaded = digests.len() as u64;
+    let planned = if omit { read.sent } else { blocks_total };
+    if uploaded != planned || read.sent != planned {
+        return Err(UploadError::BlockCount {
+            snapshot_id,
+            planned,
+            uploaded,
+        });
+    }
     let linear = linear_checksum(digests.values().copied());
     let digest = image_digest(
         size,
@@ -379,24 +427,92 @@ pub fn jitter(d: Duration) -> Duration {
     d.mul_f64(0.5 + fastrand::f64() * 0.5)
 }
 
-/// Reads the image in block order and sends the blocks that must be uploaded. Returns the
-/// number of blocks in the image and the bytes actually read.
+/// What the reader saw.
+struct ReadSummary {
+    /// The file when the reading began.
+    before: Fingerprint,
+    /// Blocks in the image.
+    blocks: u64,
+    /// Bytes actually read (holes are not).
+    bytes_read: u64,
+    /// Blocks handed to the workers.
+    sent: u64,
+}
+
+enum ReadError {
+    Io(io::Error),
+    /// The file is not what it was when the upload started.
+    Changed(String),
+}
+
+impl From<io::Error> for ReadError {
+    fn from(e: io::Error) -> Self {
+        ReadError::Io(e)
+    }
+}
+
+/// What tells cheaply whether a file changed: size, modification time and hole map.
+#[derive(Debug, PartialEq, Eq)]
+struct Fingerprint {
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+    extents: Vec<Range<u64>>,
+}
+
+impl Fingerprint {
+    /// How `now` differs from `self`, in words.
+    fn changed(&self, now: &Fingerprint) -> Option<String> {
+        if now.len != self.len {
+            Some(format!(
+                "{} bytes when the upload began, {} now",
+                self.len, now.len
+            ))
+        } else if now.extents != self.extents {
+            Some("its hole map moved".into())
+        } else if now.modified != self.modified {
+            Some("it was written to".into())
+        } else {
+            None
+        }
+    }
+}
+
+fn fingerprint(file: &std::fs::File, size: u64) -> io::Result<Fingerprint> {
+    let meta = file.metadata()?;
+    Ok(Fingerprint {
+        len: meta.len(),
+        modified: meta.modified().ok(),
+        extents: data_extents(file, size.max(meta.len()))?,
+    })
+}
+
+/// Reads the image in block order and sends the blocks that must be uploaded: all of them,
+/// unless `omit_zero_blocks`. Holes are sent as the shared zero buffer without reading.
+/// Fails if the file is not `size` bytes, or ends early; the caller checks afterwards that
+/// nothing else changed.
 fn read_blocks(
     file: &std::fs::File,
     size: u64,
-    encrypted: bool,
+    omit_zero_blocks: bool,
     tx: &mpsc::Sender<Job>,
     progress: &ProgressBar,
-) -> io::Result<(u64, u64)> {
-    let extents = data_extents(file, size)?;
-    let blocks = plan(size, &extents);
+) -> Result<ReadSummary, ReadError> {
+    let before = fingerprint(file, size)?;
+    if before.len != size {
+        return Err(ReadError::Changed(format!(
+            "{size} bytes when planned, {} when the upload began",
+            before.len
+        )));
+    }
+    let blocks = plan(size, &before.extents);
     let zeros = Bytes::from(vec![0u8; BLOCK_SIZE as usize]);
     let mut bytes_read = 0;
+    let mut sent = 0;
     for planned in &blocks {
         let index = planned.index();
         let len = (size - index * BLOCK_SIZE).min(BLOCK_SIZE);
         let job = match *planned {
-            Planned::Hole { .. } => encrypted.then(|| Job {
+            Planned::Hole { .. } => must_upload(true, omit_zero_blocks).then(|| Job {
                 index,
                 data: zeros.clone(),
                 len,
@@ -404,10 +520,16 @@ fn read_blocks(
             }),
             Planned::Read { len, .. } => {
                 let mut buf = BytesMut::zeroed(BLOCK_SIZE as usize);
-                file.read_exact_at(&mut buf[..len as usize], index * BLOCK_SIZE)?;
+                file.read_exact_at(&mut buf[..len as usize], index * BLOCK_SIZE)
+                    .map_err(|e| match e.kind() {
+                        io::ErrorKind::UnexpectedEof => ReadError::Changed(format!(
+                            "it ended before block {index}, {size} bytes were planned"
+                        )),
+                        _ => ReadError::Io(e),
+                    })?;
                 bytes_read += len;
                 let zero = is_zero(&buf[..len as usize]);
-                must_upload(zero, encrypted).then(|| Job {
+                must_upload(zero, omit_zero_blocks).then(|| Job {
                     index,
                     data: buf.freeze(),
                     len,
@@ -421,11 +543,17 @@ fn read_blocks(
                     // The upload stopped (an error or Ctrl-C): nothing more to read.
                     break;
                 }
+                sent += 1;
             }
             None => progress.inc(len),
         }
     }
-    Ok((blocks.len() as u64, bytes_read))
+    Ok(ReadSummary {
+        before,
+        blocks: blocks.len() as u64,
+        bytes_read,
+        sent,
+    })
 }
 
 /// The file's data extents from SEEK_DATA/SEEK_HOLE; the whole file where the filesystem

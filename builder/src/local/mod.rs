@@ -41,13 +41,23 @@ pub fn spec_digest(agent: &Path) -> String {
     hex::encode(h)[..12].to_owned()
 }
 
-/// Finds `ami-agent`: `--agent`, else next to amictl (a cargo target directory or an
-/// installed bundle), else on PATH.
+/// Finds `ami-agent`: `--agent`, else `AMICTL_AGENT` (the Nix package's wrapper sets it to
+/// the agent built with it), else next to amictl (a cargo target directory or an installed
+/// bundle), else on PATH.
 pub fn resolve_agent(flag: Option<&Path>) -> anyhow::Result<PathBuf> {
     if let Some(p) = flag {
         anyhow::ensure!(
             p.is_file(),
             "--agent {}: no such file (build it: cargo build --release -p agent)",
+            p.display()
+        );
+        return Ok(std::fs::canonicalize(p)?);
+    }
+    if let Some(p) = std::env::var_os("AMICTL_AGENT").filter(|p| !p.is_empty()) {
+        let p = PathBuf::from(p);
+        anyhow::ensure!(
+            p.is_file(),
+            "AMICTL_AGENT={}: no such file (point it at ami-agent, or unset it)",
             p.display()
         );
         return Ok(std::fs::canonicalize(p)?);

@@ -18,6 +18,7 @@ use crate::image::publish::Uploader;
 use crate::image::publish::{
     publish, DirectUpload, Outcome, PublishError, PublishOptions, Services,
 };
+use crate::image::register::TAG_SPARSE;
 use crate::image::s3::{S3Import, S3Options};
 use crate::image::s3_aws::{AwsImporter, AwsStaging};
 use crate::image::upload::UploadOptions;
@@ -58,6 +59,13 @@ pub struct Flags {
     /// KMS key ARN for an encrypted snapshot.
     #[arg(long, requires = "encrypted")]
     pub kms_key_id: Option<String>,
+    /// Leave all-zero blocks and holes out of the snapshot (less to send, a sparse
+    /// snapshot). Unsafe on encrypted volumes, where omitted blocks read back as random
+    /// bytes: refused with --encrypted or where the account encrypts new volumes by default,
+    /// and `rollout`/`up` refuse the AMI (their root volumes are always encrypted). For
+    /// AMIs launched unencrypted by other tools only.
+    #[arg(long)]
+    pub omit_zero_blocks: bool,
     /// Register with NitroTPM v2.0 (UEFI x86_64 images only).
     #[arg(long)]
     pub tpm: bool,
@@ -123,11 +131,30 @@ pub async fn publish_ami(image: ImageSource, args: Flags) -> anyhow::Result<Opti
     if args.via != Via::S3 && args.bucket.is_some() {
         anyhow::bail!("--bucket is for --via s3 (the staging bucket of ImportSnapshot)");
     }
+    if args.omit_zero_blocks && args.encrypted {
+        anyhow::bail!(
+            "--omit-zero-blocks with --encrypted: blocks left out of an encrypted snapshot read \
+             back as random bytes, not zeros; drop --omit-zero-blocks"
+        );
+    }
+    if args.omit_zero_blocks && args.via == Via::S3 {
+        anyhow::bail!(
+            "--omit-zero-blocks is for the EBS direct upload: ImportSnapshot (--via s3) decides \
+             itself which blocks to write; drop one of the two"
+        );
+    }
     info!(path = %image.path.display(), size = image.size, arch = %image.arch, boot_mode = image.boot_mode.as_aws(), "image");
 
     let config = crate::aws::load(args.region.as_deref()).await?;
     let lifecycle = args.lifecycle.prepare(&config, args.encrypted)?;
     let aws = AwsImages::new(&config);
+    if args.omit_zero_blocks && aws.encrypts_by_default().await? {
+        anyhow::bail!(
+            "--omit-zero-blocks: this account encrypts new EBS volumes by default in this region \
+             (ec2:GetEbsEncryptionByDefault), so every volume made from a sparse snapshot would \
+             read random bytes where blocks were left out; publish without --omit-zero-blocks"
+        );
+    }
     let cancel = CancellationToken::new();
     crate::cmd::cancel_on_signal(cancel.clone());
 
@@ -138,13 +165,20 @@ pub async fn publish_ami(image: ImageSource, args: Flags) -> anyhow::Result<Opti
         options: UploadOptions {
             concurrency: args.concurrency as usize,
             encrypted: args.encrypted,
+            omit_zero_blocks: args.omit_zero_blocks,
             kms_key_arn: args.kms_key_id.clone(),
             description: format!("amictl: {} {}", image.label, image.arch.nix_system()),
             tags: vec![
                 ("Name".into(), format!("{}{}", args.prefix, image.label)),
                 ("amictl:managed-by".into(), "amictl".into()),
                 ("amictl:prefix".into(), args.prefix.clone()),
-            ],
+            ]
+            .into_iter()
+            .chain(
+                args.omit_zero_blocks
+                    .then(|| (TAG_SPARSE.to_owned(), "true".to_owned())),
+            )
+            .collect(),
             // One token per run: the SDK's retries of StartSnapshot reuse it, so a retried
             // call cannot start a second snapshot.
             client_token: format!(
@@ -161,6 +195,7 @@ pub async fn publish_ami(image: ImageSource, args: Flags) -> anyhow::Result<Opti
         prefix: args.prefix.clone(),
         tpm_v2: args.tpm,
         keep_on_failure: args.keep_on_failure,
+        omit_zero_blocks: args.omit_zero_blocks,
         available_deadline: wait,
     };
     let cache = (!args.no_cache)
@@ -225,7 +260,7 @@ fn progress_bar(total: u64) -> ProgressBar {
 /// How the image's bytes reach EBS.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Via {
-    /// EBS direct APIs: block by block, holes skipped.
+    /// EBS direct APIs: block by block, holes sent as zeros without reading them.
     Ebs,
     /// A staging object in S3, then EC2 ImportSnapshot.
     S3,

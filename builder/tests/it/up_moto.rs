@@ -1,7 +1,7 @@
 //! `amictl up` end to end against moto: from an empty account to a URL, then again as a
 //! no-op, with a real image published through the EBS direct APIs.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Output;

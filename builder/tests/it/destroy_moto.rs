@@ -2,7 +2,7 @@
 //! stdin is not a terminal, terminates only the named fleet's instances, removes the fleet's
 //! rollout journal entry, and a second destroy finds nothing to do.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::{Output, Stdio};

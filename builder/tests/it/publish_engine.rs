@@ -1,7 +1,7 @@
 //! The publish engine against an in-memory cloud with injected faults: what is uploaded,
 //! and that every failure or interruption leaves nothing behind.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -35,6 +35,36 @@ struct Snap {
     blocks: BTreeMap<i32, Bytes>,
     completed: bool,
     encrypted: bool,
+    tags: Vec<(String, String)>,
+}
+
+impl Snap {
+    /// The first `size` bytes of a volume made from this snapshot, as EBS serves them. A
+    /// block the snapshot holds reads as itself. One it does not hold reads as zeros on an
+    /// unencrypted volume, and on an encrypted one as the decryption of zeros under the
+    /// volume's key: bytes that look random (here a keyed hash of the block's index, `key`
+    /// standing for the volume's data key).
+    fn read_volume(&self, size: u64, encrypted: bool, key: u64) -> Vec<u8> {
+        use sha2::Digest;
+        let mut out = Vec::with_capacity(size as usize);
+        for index in 0..size.div_ceil(BLOCK) {
+            match self.blocks.get(&(index as i32)) {
+                Some(data) => out.extend_from_slice(data),
+                None if encrypted => {
+                    for chunk in 0..BLOCK / 32 {
+                        let mut h = sha2::Sha256::new();
+                        h.update(key.to_le_bytes());
+                        h.update(index.to_le_bytes());
+                        h.update(chunk.to_le_bytes());
+                        out.extend_from_slice(&h.finalize());
+                    }
+                }
+                None => out.resize(out.len() + BLOCK as usize, 0),
+            }
+        }
+        out.truncate(size as usize);
+        out
+    }
 }
 
 #[derive(Default, Clone)]
@@ -47,6 +77,8 @@ struct Faults {
     cancel_at_put: Option<(u32, CancellationToken)>,
     register_fails: bool,
     never_available: bool,
+    /// Runs at the Nth put: a writer touching the image while it is uploaded.
+    meddle_at_put: Option<(u32, Arc<dyn Fn() + Send + Sync>)>,
 }
 
 #[derive(Clone, Default)]
@@ -75,6 +107,7 @@ impl SnapshotStore for Fake {
                 blocks: BTreeMap::new(),
                 completed: false,
                 encrypted: spec.encrypted,
+                tags: spec.tags.clone(),
             },
         );
         Ok(id)
@@ -97,6 +130,11 @@ impl SnapshotStore for Fake {
         if let Some((at, token)) = &faults.cancel_at_put {
             if n == *at {
                 token.cancel();
+            }
+        }
+        if let Some((at, meddle)) = &faults.meddle_at_put {
+            if n == *at {
+                meddle();
             }
         }
         if n <= faults.not_found_puts {
@@ -207,6 +245,9 @@ impl ImageRegistry for Fake {
             if let Some(a) = c.amis.get_mut(id) {
                 a.tags.extend(tags.iter().cloned());
             }
+            if let Some(snap) = c.snapshots.get_mut(id) {
+                snap.tags.extend(tags.iter().cloned());
+            }
         }
         Ok(())
     }
@@ -221,6 +262,7 @@ fn options() -> PublishOptions {
         prefix: "t-".into(),
         tpm_v2: false,
         keep_on_failure: false,
+        omit_zero_blocks: false,
         available_deadline: Duration::from_secs(3),
     }
 }
@@ -229,6 +271,7 @@ fn upload_options(encrypted: bool) -> UploadOptions {
     UploadOptions {
         concurrency: 8,
         encrypted,
+        omit_zero_blocks: false,
         not_found_grace: Duration::from_secs(20),
         completion_deadline: Duration::from_secs(5),
         ..UploadOptions::default()
@@ -286,7 +329,7 @@ fn image(dir: &std::path::Path) -> ImageSource {
 }
 
 #[tokio::test]
-async fn uploads_data_blocks_only_and_rides_out_not_found() {
+async fn uploads_every_block_by_default_and_rides_out_not_found() {
     let dir = tempfile::tempdir().unwrap();
     let img = image(dir.path());
     let fake = Fake::with(Faults {
@@ -298,20 +341,136 @@ async fn uploads_data_blocks_only_and_rides_out_not_found() {
         panic!("{outcome:?}")
     };
     assert_eq!(uploaded.digest, digest_file(&img.path).unwrap());
+    assert_eq!((uploaded.blocks_total, uploaded.blocks_uploaded), (13, 13));
+    // Holes are sent without being read: only the blocks with data were.
+    assert_eq!(uploaded.bytes_read, 4 * BLOCK + 7);
+    let c = fake.cloud.lock().unwrap();
+    let snap = &c.snapshots[&uploaded.snapshot_id];
+    assert_eq!(
+        snap.blocks.keys().copied().collect::<Vec<_>>(),
+        (0..13).collect::<Vec<_>>()
+    );
+    // The short last block is padded with zeros.
+    assert_eq!(&snap.blocks[&12][7..], &vec![0u8; BLOCK as usize - 7][..]);
+    assert!(!snap.encrypted);
+    assert!(!c.amis[&ami_id].sparse());
+    assert!(c.amis[&ami_id]
+        .tag("amictl:image-digest")
+        .unwrap()
+        .ends_with(&uploaded.digest));
+}
+
+/// The property that matters: a volume made from the snapshot reads back the image,
+/// byte for byte, whether it is encrypted (as amictl launches them) or not.
+#[tokio::test]
+async fn a_volume_from_the_snapshot_reads_back_the_image_encrypted_or_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path());
+    let fake = Fake::default();
+    let Outcome::Created { uploaded, .. } = run_plain(&fake, &img).await.unwrap() else {
+        panic!()
+    };
+    let bytes = std::fs::read(&img.path).unwrap();
+    let c = fake.cloud.lock().unwrap();
+    let snap = &c.snapshots[&uploaded.snapshot_id];
+    for (encrypted, key) in [(true, 7), (true, 8), (false, 0)] {
+        let volume = snap.read_volume(img.size, encrypted, key);
+        let first_bad = volume.iter().zip(&bytes).position(|(a, b)| a != b);
+        assert_eq!(
+            first_bad,
+            None,
+            "an {} volume differs from the image at byte {first_bad:?}",
+            if encrypted {
+                "encrypted"
+            } else {
+                "unencrypted"
+            }
+        );
+    }
+}
+
+/// `--omit-zero-blocks`: a sparse snapshot, tagged and named so, which reads back right
+/// only unencrypted; the fake shows the corruption an encrypted launch would boot into.
+#[tokio::test]
+async fn omitting_zero_blocks_is_a_tagged_sparse_snapshot_wrong_on_encrypted_volumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path());
+    let fake = Fake::default();
+    let outcome = run(
+        &fake,
+        &img,
+        UploadOptions {
+            omit_zero_blocks: true,
+            ..upload_options(false)
+        },
+        PublishOptions {
+            omit_zero_blocks: true,
+            ..options()
+        },
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    let Outcome::Created { ami_id, uploaded } = outcome else {
+        panic!("{outcome:?}")
+    };
+    // The content address does not depend on what was left out.
+    assert_eq!(uploaded.digest, digest_file(&img.path).unwrap());
     assert_eq!((uploaded.blocks_total, uploaded.blocks_uploaded), (13, 4));
+    let bytes = std::fs::read(&img.path).unwrap();
     let c = fake.cloud.lock().unwrap();
     let snap = &c.snapshots[&uploaded.snapshot_id];
     assert_eq!(
         snap.blocks.keys().copied().collect::<Vec<_>>(),
         [0, 3, 4, 12]
     );
-    // The short last block is padded with zeros.
-    assert_eq!(&snap.blocks[&12][7..], &vec![0u8; BLOCK as usize - 7][..]);
-    assert!(!snap.encrypted);
-    assert!(c.amis[&ami_id]
-        .tag("amictl:image-digest")
+    let ami = &c.amis[&ami_id];
+    assert!(ami.sparse() && ami.name.ends_with("-sparse"), "{ami:?}");
+    assert!(snap
+        .tags
+        .contains(&("amictl:sparse".to_owned(), "true".to_owned())));
+    assert!(snap.read_volume(img.size, false, 0) == bytes);
+    assert!(snap.read_volume(img.size, true, 7) != bytes);
+    let why = amictl::image::register::sparse_refusal(&ami_id, &ami.tags).unwrap();
+    assert!(why.contains(&ami_id), "{why}");
+}
+
+/// A whole publish never takes a sparse AMI for its own, even of the same content; a
+/// sparse one may take a whole one (it is safe everywhere).
+#[tokio::test]
+async fn a_whole_publish_never_reuses_a_sparse_ami() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path());
+    let sparse = |fake: Fake, img: ImageSource| async move {
+        run(
+            &fake,
+            &img,
+            UploadOptions {
+                omit_zero_blocks: true,
+                ..upload_options(false)
+            },
+            PublishOptions {
+                omit_zero_blocks: true,
+                ..options()
+            },
+            &CancellationToken::new(),
+        )
+        .await
         .unwrap()
-        .ends_with(&uploaded.digest));
+    };
+    let fake = Fake::default();
+    let first = sparse(fake.clone(), img.clone()).await;
+    let whole = run_plain(&fake, &img).await.unwrap();
+    assert!(matches!(whole, Outcome::Created { .. }), "{whole:?}");
+    assert_ne!(first.ami_id(), whole.ami_id());
+    assert!(!fake.cloud.lock().unwrap().amis[whole.ami_id()].sparse());
+    // Now a sparse publish finds the whole AMI first, and a whole one finds itself.
+    let again = sparse(fake.clone(), img.clone()).await;
+    assert_eq!(again.ami_id(), whole.ami_id());
+    assert_eq!(
+        run_plain(&fake, &img).await.unwrap().ami_id(),
+        whole.ami_id()
+    );
 }
 
 #[tokio::test]
@@ -364,6 +523,43 @@ async fn assert_nothing_left(fake: &Fake) {
         "AMIs left: {:?}",
         c.amis.keys().collect::<Vec<_>>()
     );
+}
+
+/// A writer touching the image mid-upload: the publish fails, says so, and leaves nothing.
+#[tokio::test]
+async fn an_image_that_changes_while_it_is_uploaded_fails_and_leaves_nothing() {
+    use std::os::unix::fs::FileExt;
+    type Meddle = fn(&std::path::Path);
+    let cases: [(&str, Meddle); 3] = [
+        ("shrunk", |p| {
+            let f = std::fs::File::options().write(true).open(p).unwrap();
+            f.set_len(2 * BLOCK).unwrap();
+        }),
+        ("data written into a hole", |p| {
+            let f = std::fs::File::options().write(true).open(p).unwrap();
+            f.write_all_at(b"late", 6 * BLOCK).unwrap();
+        }),
+        ("a data block rewritten", |p| {
+            let f = std::fs::File::options().write(true).open(p).unwrap();
+            f.write_all_at(b"late", 10).unwrap();
+        }),
+    ];
+    for (what, meddle) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let img = image(dir.path());
+        let path = img.path.clone();
+        let fake = Fake::with(Faults {
+            meddle_at_put: Some((1, Arc::new(move || meddle(&path)))),
+            ..Default::default()
+        });
+        let err = run_plain(&fake, &img).await.unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("changed while it was uploaded") && text.contains("deleted snapshot"),
+            "{what}: {text}"
+        );
+        assert_nothing_left(&fake).await;
+    }
 }
 
 #[tokio::test]

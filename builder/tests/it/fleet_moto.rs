@@ -3,7 +3,7 @@
 //! moto's Run Command runs nothing and answers Success with empty output, so these tests
 //! cover the wiring; the failure paths are tested against scripted fakes in the crate.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::time::Duration;

@@ -12,20 +12,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-fn amictl() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_amictl"))
-}
-
-/// `ami-agent`, where amictl itself looks for it: beside amictl in the target directory.
-fn agent() -> PathBuf {
-    let path = amictl().with_file_name("ami-agent");
-    assert!(
-        path.is_file(),
-        "{} is missing: build it first (cargo build -p agent, or cargo test --workspace)",
-        path.display()
-    );
-    path
-}
+use tests::{ami_agent as agent, amictl, is_alive};
 
 struct Fleet {
     name: String,
@@ -116,7 +103,7 @@ impl Fleet {
         };
         entries
             .flatten()
-            .filter(|e| amictl::local::process::is_alive(&e.path().join("lock")))
+            .filter(|e| is_alive(&e.path().join("lock")))
             .map(|e| e.file_name().into_string().unwrap())
             .collect()
     }

@@ -694,7 +694,7 @@ fn every_sdk_call_names_its_iam_action() {
          statement (or in the statement that handles the `let` result), or through a helper \
          that takes `action: &'static str` and calls `classify(action, ..)`; then make sure \
          `amictl iam-policy` grants that action (builder/src/iam.rs). A deliberate exception \
-         goes into ALLOWED_UNCLASSIFIED in builder/tests/iam_policy.rs with its reason.",
+         goes into ALLOWED_UNCLASSIFIED in builder/tests/it/iam_policy.rs with its reason.",
         problems.join("\n  ")
     );
     let stale: Vec<String> = ALLOWED_UNCLASSIFIED

@@ -160,6 +160,13 @@ async fn each_fault_rolls_back_to_exactly_the_old_fleet() {
             },
         ),
         (
+            "a sparse AMI on encrypted root volumes",
+            Faults {
+                sparse_images: vec!["ami-v2".into()],
+                ..Faults::default()
+            },
+        ),
+        (
             "no capacity in the second AZ",
             Faults {
                 no_capacity_az: Some("az-b".into()),

@@ -3,7 +3,7 @@
 //! a missing AMI before launching anything. (moto's Run Command always succeeds and its
 //! targets are healthy at once: the failure paths are covered by `rollout_sim.rs`.)
 
-mod common;
+use crate::common;
 
 use common::moto::{fleet_instances, vpc_with_two_azs, Moto};
 
@@ -173,6 +173,33 @@ async fn creates_repeats_and_rolls_a_fleet_behind_a_target_group() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("does not exist"), "{err}");
     assert!(fleet(&moto).await.is_empty());
+
+    // A sparse AMI (published with --omit-zero-blocks) is refused too: every instance gets
+    // an encrypted root volume, where its missing blocks would read as random bytes.
+    let ec2 = aws_sdk_ec2::Client::new(&moto.sdk_config().await);
+    let sparse = aws_sdk_ec2::types::Tag::builder()
+        .key("amictl:sparse")
+        .value("true")
+        .build();
+    ec2.create_tags()
+        .resources(&s.amis[1])
+        .tags(sparse.clone())
+        .send()
+        .await
+        .unwrap();
+    let (code, _, err) = rollout(&moto, state.path(), &s, &s.amis[1]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains(&s.amis[1]) && err.contains("without --omit-zero-blocks"),
+        "{err}"
+    );
+    assert!(fleet(&moto).await.is_empty());
+    ec2.delete_tags()
+        .resources(&s.amis[1])
+        .tags(sparse)
+        .send()
+        .await
+        .unwrap();
 
     let (code, out, err) = rollout(&moto, state.path(), &s, &s.amis[0]);
     assert_eq!(code, 0, "{err}");

@@ -8,7 +8,7 @@ use ami_agent::site::Site;
 use ami_agent::state::AgentState;
 
 async fn health(args: &[&str]) -> (i32, String, String) {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_amictl"))
+    let out = tokio::process::Command::new(tests::amictl())
         .arg("health")
         .args(args)
         .env("AMICTL_LOG", "warn")

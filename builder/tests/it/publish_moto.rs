@@ -1,6 +1,6 @@
 //! `amictl image publish` end to end against moto, through the real SDK clients.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::FileExt;
@@ -17,7 +17,7 @@ fn publish(moto: &Moto, image: &std::path::Path, extra: &[&str]) -> (i32, String
 /// the SDK's strict deserializer refuses (AWS answers a number).
 async fn list_snapshot_blocks(moto: &Moto, snapshot_id: &str) -> Vec<(i32, String)> {
     let url = format!("{}/snapshots/{snapshot_id}/blocks", moto.endpoint);
-    let body: serde_json::Value = reqwest::Client::new()
+    let text = reqwest::Client::new()
         .get(url)
         .header(
             "Authorization",
@@ -26,9 +26,10 @@ async fn list_snapshot_blocks(moto: &Moto, snapshot_id: &str) -> Vec<(i32, Strin
         .send()
         .await
         .unwrap()
-        .json()
+        .text()
         .await
         .unwrap();
+    let body: serde_json::Value = serde_json::from_str(&text).unwrap();
     body["Blocks"]
         .as_array()
         .unwrap()
@@ -46,6 +47,45 @@ async fn list_snapshot_blocks(moto: &Moto, snapshot_id: &str) -> Vec<(i32, Strin
         .collect()
 }
 
+/// Each listed block of the snapshot equals the image's block (the last one padded with
+/// zeros); a block not listed must be all zeros in the image.
+async fn assert_blocks_equal_image(
+    moto: &Moto,
+    snapshot_id: &str,
+    image: &std::path::Path,
+    size: u64,
+    listed: &[(i32, String)],
+) {
+    let config = moto.sdk_config().await;
+    let ebs = aws_sdk_ebs::Client::new(&config);
+    let file = std::fs::File::open(image).unwrap();
+    for index in 0..size.div_ceil(BLOCK) {
+        let mut expected = vec![0u8; BLOCK as usize];
+        let len = (size - index * BLOCK).min(BLOCK) as usize;
+        file.read_exact_at(&mut expected[..len], index * BLOCK)
+            .unwrap();
+        match listed.iter().find(|(i, _)| *i == index as i32) {
+            Some((_, token)) => {
+                let got = ebs
+                    .get_snapshot_block()
+                    .snapshot_id(snapshot_id)
+                    .block_index(index as i32)
+                    .block_token(token)
+                    .send()
+                    .await
+                    .unwrap();
+                let data = got.block_data.collect().await.unwrap().into_bytes();
+                assert_eq!(data.len(), BLOCK as usize, "block {index}");
+                assert!(data == expected, "block {index} differs");
+            }
+            None => assert!(
+                expected.iter().all(|&b| b == 0),
+                "block {index} has data but was not uploaded"
+            ),
+        }
+    }
+}
+
 async fn own_snapshots(ec2: &aws_sdk_ec2::Client) -> Vec<aws_sdk_ec2::types::Snapshot> {
     ec2.describe_snapshots()
         .owner_ids("self")
@@ -57,12 +97,12 @@ async fn own_snapshots(ec2: &aws_sdk_ec2::Client) -> Vec<aws_sdk_ec2::types::Sna
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn publishes_a_sparse_image_block_for_block_and_only_once() {
+async fn publishes_every_block_of_a_sparse_image_and_only_once() {
     let Some(moto) = Moto::start() else { return };
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.raw");
     // 40 MiB with data in three places (one across a block boundary, one in the last,
-    // short block), holes elsewhere, and a written all-zero block that must be skipped.
+    // short block), holes elsewhere, and a written all-zero block.
     let size = 80 * BLOCK + 1000;
     sparse_image(
         &image,
@@ -89,7 +129,6 @@ async fn publishes_a_sparse_image_block_for_block_and_only_once() {
 
     let config = moto.sdk_config().await;
     let ec2 = aws_sdk_ec2::Client::new(&config);
-    let ebs = aws_sdk_ebs::Client::new(&config);
     let images = ec2
         .describe_images()
         .image_ids(&ami_id)
@@ -112,42 +151,15 @@ async fn publishes_a_sparse_image_block_for_block_and_only_once() {
     assert!(ami.name().unwrap().ends_with(&digest[..12]));
     let snapshot_id = tags["amictl:snapshot-id"].clone();
 
-    // Every block the snapshot holds equals the file's block; the rest of the file is zeros.
+    // Every block of the image is in the snapshot, holes and zero blocks as zeros, so a
+    // volume made from it reads back the image whether or not it is encrypted.
     let listed = list_snapshot_blocks(&moto, &snapshot_id).await;
-    let indices: Vec<i32> = listed.iter().map(|(i, _)| *i).collect();
-    assert_eq!(
-        indices
-            .iter()
-            .copied()
-            .collect::<std::collections::BTreeSet<_>>(),
-        [0, 6, 7, 80].into()
-    );
-    let file = std::fs::File::open(&image).unwrap();
-    for index in 0..=80u64 {
-        let mut expected = vec![0u8; BLOCK as usize];
-        let len = (size - index * BLOCK).min(BLOCK) as usize;
-        file.read_exact_at(&mut expected[..len], index * BLOCK)
-            .unwrap();
-        if indices.contains(&(index as i32)) {
-            let token = &listed.iter().find(|(i, _)| *i == index as i32).unwrap().1;
-            let got = ebs
-                .get_snapshot_block()
-                .snapshot_id(&snapshot_id)
-                .block_index(index as i32)
-                .block_token(token)
-                .send()
-                .await
-                .unwrap();
-            let data = got.block_data.collect().await.unwrap().into_bytes();
-            assert_eq!(data.len(), BLOCK as usize, "block {index}");
-            assert!(data == expected, "block {index} differs");
-        } else {
-            assert!(
-                expected.iter().all(|&b| b == 0),
-                "block {index} has data but was not uploaded"
-            );
-        }
-    }
+    assert_blocks_equal_image(&moto, &snapshot_id, &image, size, &listed).await;
+    // (moto lists blocks in the order they arrived; AWS in index order.)
+    let mut indices: Vec<i32> = listed.iter().map(|(i, _)| *i).collect();
+    indices.sort();
+    assert_eq!(indices, (0..=80).collect::<Vec<_>>());
+    assert!(!tags.contains_key("amictl:sparse"));
     let snapshots_after_first = own_snapshots(&ec2).await.len();
 
     // Again: the same AMI, nothing uploaded (the digest is remembered), nothing created.
@@ -170,6 +182,78 @@ async fn publishes_a_sparse_image_block_for_block_and_only_once() {
         .unwrap()
         .write_all_at(b"changed", 30 * BLOCK)
         .unwrap();
+    let (code, stdout, stderr) = publish(&moto, &image, &[]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_ne!(stdout.trim(), ami_id);
+}
+
+/// `--omit-zero-blocks`: a sparse snapshot with only the data blocks, tagged so on the
+/// snapshot and the AMI; refused with --encrypted, and where the account encrypts new
+/// volumes by default, before anything is created.
+#[tokio::test(flavor = "multi_thread")]
+async fn omit_zero_blocks_is_opt_in_tagged_and_refused_where_volumes_are_encrypted() {
+    let Some(moto) = Moto::start() else { return };
+    let config = moto.sdk_config().await;
+    let ec2 = aws_sdk_ec2::Client::new(&config);
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.raw");
+    let size = 24 * BLOCK;
+    sparse_image(&image, size, &[(100, 1000), (10 * BLOCK, 10)]);
+    let snapshots_before = own_snapshots(&ec2).await.len();
+
+    let (code, _, stderr) = publish(&moto, &image, &["--omit-zero-blocks", "--encrypted"]);
+    assert_ne!(code, 0);
+    assert!(stderr.contains("drop --omit-zero-blocks"), "{stderr}");
+
+    ec2.enable_ebs_encryption_by_default().send().await.unwrap();
+    let (code, _, stderr) = publish(&moto, &image, &["--omit-zero-blocks"]);
+    assert_ne!(code, 0);
+    assert!(
+        stderr.contains("encrypts new EBS volumes by default")
+            && stderr.contains("without --omit-zero-blocks"),
+        "{stderr}"
+    );
+    assert_eq!(own_snapshots(&ec2).await.len(), snapshots_before);
+    ec2.disable_ebs_encryption_by_default()
+        .send()
+        .await
+        .unwrap();
+
+    let (code, stdout, stderr) = publish(&moto, &image, &["--omit-zero-blocks"]);
+    assert_eq!(code, 0, "{stderr}");
+    let ami_id = stdout.trim().to_owned();
+    let ami = ec2
+        .describe_images()
+        .image_ids(&ami_id)
+        .send()
+        .await
+        .unwrap();
+    let ami = &ami.images()[0];
+    let tags: BTreeMap<_, _> = ami
+        .tags()
+        .iter()
+        .map(|t| (t.key().unwrap().to_owned(), t.value().unwrap().to_owned()))
+        .collect();
+    assert_eq!(tags.get("amictl:sparse").map(String::as_str), Some("true"));
+    assert!(ami.name().unwrap().ends_with("-sparse"), "{:?}", ami.name());
+    let snapshot_id = tags["amictl:snapshot-id"].clone();
+    let snapshot = ec2
+        .describe_snapshots()
+        .snapshot_ids(&snapshot_id)
+        .send()
+        .await
+        .unwrap();
+    assert!(snapshot.snapshots()[0]
+        .tags()
+        .iter()
+        .any(|t| t.key() == Some("amictl:sparse") && t.value() == Some("true")));
+    let listed = list_snapshot_blocks(&moto, &snapshot_id).await;
+    let mut indices: Vec<i32> = listed.iter().map(|(i, _)| *i).collect();
+    indices.sort();
+    assert_eq!(indices, [0, 10]);
+    assert_blocks_equal_image(&moto, &snapshot_id, &image, size, &listed).await;
+
+    // The default publish of the same image does not take the sparse AMI for its own.
     let (code, stdout, stderr) = publish(&moto, &image, &[]);
     assert_eq!(code, 0, "{stderr}");
     assert_ne!(stdout.trim(), ami_id);

@@ -5,8 +5,9 @@ use amictl::image::aws::AwsImages;
 use amictl::image::info::{Arch, BootMode};
 use amictl::image::publish::ImageRegistry;
 use amictl::image::register::RegisterSpec;
+use std::io::{BufRead, BufReader, Read, Write};
+
 use aws_config::{BehaviorVersion, Region};
-use aws_smithy_runtime::client::http::test_util::capture_request;
 
 fn spec(tpm: bool, boot: BootMode, arch: Arch) -> RegisterSpec {
     RegisterSpec {
@@ -21,31 +22,59 @@ fn spec(tpm: bool, boot: BootMode, arch: Arch) -> RegisterSpec {
     }
 }
 
+/// Answers one HTTP request on loopback with a 400 (not retried) and returns its body.
+fn capture_one() -> (String, std::thread::JoinHandle<String>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let handle = std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        let mut length = 0;
+        loop {
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            if line == "\r\n" || line.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = line.split_once(':') {
+                if name.eq_ignore_ascii_case("content-length") {
+                    length = value.trim().parse().unwrap();
+                }
+            }
+        }
+        let mut body = vec![0; length];
+        reader.read_exact(&mut body).unwrap();
+        let answer = "<Response><Errors><Error><Code>InvalidParameterValue</Code>\
+                      <Message>captured</Message></Error></Errors></Response>";
+        write!(
+            &stream,
+            "HTTP/1.1 400 Bad Request\r\nContent-Type: text/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{answer}",
+            answer.len()
+        )
+        .unwrap();
+        String::from_utf8(body).unwrap()
+    });
+    (url, handle)
+}
+
 async fn captured(spec: RegisterSpec) -> String {
-    let (http, rx) = capture_request(None);
+    let (url, request) = capture_one();
     let creds = aws_credential_types::Credentials::new("a", "b", None, None, "test");
-    let ec2 = aws_sdk_ec2::Client::from_conf(
-        aws_sdk_ec2::Config::builder()
+    let config = |url: &str| {
+        aws_config::SdkConfig::builder()
             .behavior_version(BehaviorVersion::latest())
             .region(Region::new("us-east-1"))
-            .credentials_provider(creds.clone())
-            .http_client(http.clone())
-            .build(),
-    );
-    let ebs = aws_sdk_ebs::Client::from_conf(
-        aws_sdk_ebs::Config::builder()
-            .behavior_version(BehaviorVersion::latest())
-            .region(Region::new("us-east-1"))
-            .credentials_provider(creds)
-            .http_client(http)
-            .build(),
-    );
-    // The canned answer is empty, so the call itself fails; the request is what matters.
+            .credentials_provider(
+                aws_credential_types::provider::SharedCredentialsProvider::new(creds.clone()),
+            )
+            .endpoint_url(url)
+            .build()
+    };
+    let ec2 = aws_sdk_ec2::Client::new(&config(&url));
+    let ebs = aws_sdk_ebs::Client::new(&config(&url));
+    // The answer is an error, so the call itself fails; the request is what matters.
     let _ = AwsImages { ebs, ec2 }.register(&spec).await;
-    let request = rx.expect_request();
-    let body = std::str::from_utf8(request.body().bytes().unwrap())
-        .unwrap()
-        .to_owned();
+    let body = request.join().unwrap();
     body.replace("%2F", "/").replace("%3A", ":")
 }
 

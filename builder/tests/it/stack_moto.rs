@@ -13,7 +13,7 @@
 //! - its CloudWatch does not speak rpc-v2-cbor, aws-sdk-cloudwatch's protocol, so the
 //!   rollout here watches no alarms.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

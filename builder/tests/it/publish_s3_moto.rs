@@ -5,7 +5,7 @@
 //! tested in `image::s3`. The CLI is driven against moto too, where ImportSnapshot fails:
 //! that tests the wiring and the clean-up after a failed import.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -194,6 +194,7 @@ async fn publishes_through_an_s3_staging_object_with_the_same_digest_as_ebs() {
         prefix: "test-".into(),
         tpm_v2: false,
         keep_on_failure: false,
+        omit_zero_blocks: false,
         available_deadline: Duration::from_secs(60),
     };
     let progress = ProgressBar::hidden();

@@ -1,7 +1,7 @@
 //! After publishing, against moto: `image list`, `image gc`, the lifecycle flags of
 //! `image publish` (copies, public, deprecation) and `image build` with a stand-in `nix`.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
