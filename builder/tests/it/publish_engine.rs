@@ -310,6 +310,21 @@ async fn run_plain(fake: &Fake, image: &ImageSource) -> Result<Outcome, PublishE
     .await
 }
 
+/// `run` with `--omit-zero-blocks`, which succeeds.
+async fn run_sparse(fake: &Fake, image: &ImageSource) -> Outcome {
+    let upload = UploadOptions {
+        omit_zero_blocks: true,
+        ..upload_options(false)
+    };
+    let opts = PublishOptions {
+        omit_zero_blocks: true,
+        ..options()
+    };
+    run(fake, image, upload, opts, &CancellationToken::new())
+        .await
+        .unwrap()
+}
+
 /// 12 blocks + 7 bytes: data in blocks 0, 3-4 and the short last block; 8 is written zeros.
 fn image(dir: &std::path::Path) -> ImageSource {
     let path = dir.join("disk.raw");
@@ -396,21 +411,7 @@ async fn omitting_zero_blocks_is_a_tagged_sparse_snapshot_wrong_on_encrypted_vol
     let dir = tempfile::tempdir().unwrap();
     let img = image(dir.path());
     let fake = Fake::default();
-    let outcome = run(
-        &fake,
-        &img,
-        UploadOptions {
-            omit_zero_blocks: true,
-            ..upload_options(false)
-        },
-        PublishOptions {
-            omit_zero_blocks: true,
-            ..options()
-        },
-        &CancellationToken::new(),
-    )
-    .await
-    .unwrap();
+    let outcome = run_sparse(&fake, &img).await;
     let Outcome::Created { ami_id, uploaded } = outcome else {
         panic!("{outcome:?}")
     };
@@ -441,31 +442,14 @@ async fn omitting_zero_blocks_is_a_tagged_sparse_snapshot_wrong_on_encrypted_vol
 async fn a_whole_publish_never_reuses_a_sparse_ami() {
     let dir = tempfile::tempdir().unwrap();
     let img = image(dir.path());
-    let sparse = |fake: Fake, img: ImageSource| async move {
-        run(
-            &fake,
-            &img,
-            UploadOptions {
-                omit_zero_blocks: true,
-                ..upload_options(false)
-            },
-            PublishOptions {
-                omit_zero_blocks: true,
-                ..options()
-            },
-            &CancellationToken::new(),
-        )
-        .await
-        .unwrap()
-    };
     let fake = Fake::default();
-    let first = sparse(fake.clone(), img.clone()).await;
+    let first = run_sparse(&fake, &img).await;
     let whole = run_plain(&fake, &img).await.unwrap();
     assert!(matches!(whole, Outcome::Created { .. }), "{whole:?}");
     assert_ne!(first.ami_id(), whole.ami_id());
     assert!(!fake.cloud.lock().unwrap().amis[whole.ami_id()].sparse());
     // Now a sparse publish finds the whole AMI first, and a whole one finds itself.
-    let again = sparse(fake.clone(), img.clone()).await;
+    let again = run_sparse(&fake, &img).await;
     assert_eq!(again.ami_id(), whole.ami_id());
     assert_eq!(
         run_plain(&fake, &img).await.unwrap().ami_id(),
