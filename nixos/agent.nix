@@ -42,6 +42,8 @@ let
     "drift_interval"
     "max_connections"
     "header_read_timeout"
+    "keep_alive_timeout"
+    "send_timeout"
     "shutdown_timeout"
     "reuse_port"
   ];
@@ -65,6 +67,12 @@ let
   // cfg.settings;
 
   configFile = settingsFormat.generate "ami-agent.toml" agentConfig;
+
+  # One descriptor per connection plus the agent's own (listener, self-checks, files,
+  # clock probes). systemd's default soft limit, 1024, is below the default 4096
+  # connections: an idle flood would then exhaust descriptors long before the slots.
+  maxConnections = cfg.settings.max_connections or 4096;
+  openFileLimit = maxConnections + 1024;
 
   coreutils = "${pkgs.coreutils}/bin";
 in
@@ -231,6 +239,7 @@ in
         WatchdogSec = cfg.watchdogSec;
         # A hung agent gets SIGABRT from the watchdog; do not wait the default 90 s for it.
         TimeoutAbortSec = "10s";
+        LimitNOFILE = openFileLimit;
         Restart = "always";
         RestartSec = "2s";
 

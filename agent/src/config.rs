@@ -23,6 +23,8 @@ pub struct FileConfig {
     pub drift_sources: Option<Vec<String>>,
     pub max_connections: Option<usize>,
     pub header_read_timeout: Option<u64>,
+    pub keep_alive_timeout: Option<u64>,
+    pub send_timeout: Option<u64>,
     pub shutdown_timeout: Option<u64>,
 }
 
@@ -38,6 +40,8 @@ pub struct Overrides {
     pub drift_sources: Vec<String>,
     pub max_connections: Option<usize>,
     pub header_read_timeout: Option<u64>,
+    pub keep_alive_timeout: Option<u64>,
+    pub send_timeout: Option<u64>,
     pub shutdown_timeout: Option<u64>,
 }
 
@@ -52,6 +56,8 @@ pub struct Settings {
     pub drift_sources: Vec<Source>,
     pub max_connections: usize,
     pub header_read_timeout: Duration,
+    pub keep_alive_timeout: Duration,
+    pub send_timeout: Duration,
     pub shutdown_timeout: Duration,
 }
 
@@ -156,6 +162,18 @@ pub fn resolve(cli: Overrides, file: FileConfig) -> Result<Settings, ConfigError
                 .unwrap_or(10),
             1,
         )?,
+        keep_alive_timeout: secs(
+            "keep_alive_timeout",
+            cli.keep_alive_timeout
+                .or(file.keep_alive_timeout)
+                .unwrap_or(75),
+            1,
+        )?,
+        send_timeout: secs(
+            "send_timeout",
+            cli.send_timeout.or(file.send_timeout).unwrap_or(60),
+            1,
+        )?,
         shutdown_timeout: secs(
             "shutdown_timeout",
             cli.shutdown_timeout.or(file.shutdown_timeout).unwrap_or(10),
@@ -208,6 +226,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.listen.to_string(), DEFAULT_LISTEN);
+        // nginx's defaults; the keep-alive one outlasts an ALB's 60 s idle timeout.
+        assert_eq!(s.keep_alive_timeout, Duration::from_secs(75));
+        assert_eq!(s.send_timeout, Duration::from_secs(60));
+        assert_eq!(s.header_read_timeout, Duration::from_secs(10));
         assert_eq!(s.drift_sources, crate::clock::default_sources());
         assert!(matches!(
             resolve(Overrides::default(), FileConfig::default()),
@@ -222,6 +244,22 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("health_interval"));
+        let file: FileConfig =
+            toml::from_str("root = \"/r\"\nsend_timeout = 0\nkeep_alive_timeout = 5\n").unwrap();
+        assert!(resolve(Overrides::default(), file.clone())
+            .unwrap_err()
+            .to_string()
+            .contains("send_timeout must be at least 1"));
+        let s = resolve(
+            Overrides {
+                send_timeout: Some(7),
+                ..Default::default()
+            },
+            file,
+        )
+        .unwrap();
+        assert_eq!(s.send_timeout, Duration::from_secs(7));
+        assert_eq!(s.keep_alive_timeout, Duration::from_secs(5));
         let bad = Overrides {
             root: Some("/r".into()),
             drift_sources: vec!["gopher://x".into()],

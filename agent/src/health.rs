@@ -1,8 +1,14 @@
 //! The health loop: every interval, verify the content on disk (healing it from the
 //! pristine in-memory copy), fetch content back through the agent's own listener (binding
-//! it again if it stopped answering), record the outcome, and tell systemd: `READY=1`
-//! after the first passing check, `WATCHDOG=1` only after passing checks. When the agent
-//! cannot heal itself it stops pinging, and systemd's watchdog restarts it.
+//! it again if it is gone), record the outcome, and tell systemd: `READY=1` after the
+//! first passing check, `WATCHDOG=1` only after passing checks. When the agent cannot heal
+//! itself it stops pinging, and systemd's watchdog restarts it.
+//!
+//! Busy is not dead. A listener whose accept loop runs but whose every slot is taken (or
+//! that cannot accept for want of descriptors) is overloaded: binding it again would reset
+//! every connection waiting in its backlog, and restarting the process would drop the rest.
+//! An overloaded check is reported as such and still feeds the watchdog, which is there
+//! for a hung process.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -16,9 +22,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, instrument, warn};
 
 use crate::http::{bind, Acceptor, Server};
-use crate::manifest::{FileEntry, Mismatch};
+use crate::manifest::{is_resource_exhaustion, FileEntry, Mismatch};
 use crate::notify::{Notice, Notifier};
-use crate::state::{now_unix, AgentState, SelfCheck};
+use crate::state::{now_unix, AgentState, Load, SelfCheck};
 
 #[derive(Debug, Clone)]
 pub struct HealthConfig {
@@ -49,6 +55,10 @@ pub trait Listener: Send + 'static {
     fn self_addr(&self) -> SocketAddr;
     fn is_alive(&self) -> bool;
     fn rebind(&mut self) -> impl Future<Output = io::Result<()>> + Send;
+    /// The server's load now (a listener that cannot tell reports none).
+    fn load(&self) -> Load {
+        Load::default()
+    }
 }
 
 /// A [`Server`] acceptor that can be replaced by a fresh bind of the same address.
@@ -92,6 +102,10 @@ impl Listener for ServerListener {
 
     fn is_alive(&self) -> bool {
         !self.acceptor.is_finished()
+    }
+
+    fn load(&self) -> Load {
+        self.server.load()
     }
 
     async fn rebind(&mut self) -> io::Result<()> {
@@ -143,6 +157,8 @@ pub struct HealthLoop<N, L> {
 
 #[derive(Debug)]
 enum FetchError {
+    /// The agent itself ran out of descriptors or memory for the fetch: overloaded.
+    Starved(String),
     /// The listener did not answer at all: bind it again.
     Unreachable(String),
     /// It answered with the wrong thing.
@@ -199,13 +215,17 @@ impl<N: Notifier, L: Listener> HealthLoop<N, L> {
     pub async fn tick(&mut self) -> SelfCheck {
         let started = Instant::now();
         let mut problems = Vec::new();
+        let mut overloaded = Vec::new();
 
         if !self.listener.is_alive() {
             warn!("the accept loop has stopped, binding the listener again");
             self.rebind(&mut problems).await;
         }
 
-        let (drift, verified_on_disk) = self.check_disk().await;
+        let (drift, verified_on_disk, unchecked) = self.check_disk().await;
+        if let Some(e) = unchecked {
+            overloaded.push(format!("files left unchecked: {e}"));
+        }
         let unhealed: Vec<_> = drift.iter().filter(|(_, _, healed)| !healed).collect();
         if !unhealed.is_empty() {
             problems.push(format!(
@@ -221,11 +241,27 @@ impl<N: Notifier, L: Listener> HealthLoop<N, L> {
 
         let fetched = match self.fetch_window().await {
             Ok(n) => n,
+            Err(FetchError::Starved(e)) => {
+                overloaded.push(format!("self-fetch: {e}"));
+                0
+            }
+            Err(FetchError::Unreachable(e))
+                if self.listener.is_alive() && self.listener.load().is_overloaded() =>
+            {
+                // The accept loop runs and the server is full: the fetch waits in line
+                // with every other client. Nothing to rebind.
+                overloaded.push(format!("self-fetch did not get through: {e}"));
+                0
+            }
             Err(FetchError::Unreachable(e)) => {
                 warn!(error = %e, "the agent's own listener does not answer, binding it again");
                 self.rebind(&mut problems).await;
                 match self.fetch_window().await {
                     Ok(n) => n,
+                    Err(FetchError::Starved(e)) => {
+                        overloaded.push(format!("self-fetch: {e}"));
+                        0
+                    }
                     Err(FetchError::Unreachable(e) | FetchError::Wrong(e)) => {
                         problems.push(format!("self-fetch failed after rebinding: {e}"));
                         0
@@ -239,6 +275,9 @@ impl<N: Notifier, L: Listener> HealthLoop<N, L> {
         };
 
         let ok = problems.is_empty();
+        let load = self.listener.load();
+        let overloaded = (!overloaded.is_empty())
+            .then(|| format!("overloaded ({load}): {}", overloaded.join("; ")));
         let check = SelfCheck {
             at_unix: now_unix(),
             ok,
@@ -246,6 +285,8 @@ impl<N: Notifier, L: Listener> HealthLoop<N, L> {
             files_fetched: fetched,
             files_verified_on_disk: verified_on_disk,
             error: (!ok).then(|| problems.join("; ")),
+            overloaded,
+            load: Some(load),
         };
         self.state
             .update(|s| s.last_self_check = Some(check.clone()));
@@ -265,13 +306,20 @@ impl<N: Notifier, L: Listener> HealthLoop<N, L> {
 
     fn report(&mut self, check: &SelfCheck) {
         let version = self.state.site.version();
+        if let Some(overloaded) = &check.overloaded {
+            self.state.metrics.self_checks_overloaded.inc();
+            warn!(%overloaded, "self-check could not finish its fetches; still serving");
+        }
         if check.ok {
             let mut notices = vec![
                 Notice::Watchdog,
-                Notice::Status(format!(
-                    "serving release {version}: {} files, last self-check passed",
-                    self.state.site.manifest.files.len()
-                )),
+                Notice::Status(match &check.overloaded {
+                    None => format!(
+                        "serving release {version}: {} files, last self-check passed",
+                        self.state.site.manifest.files.len()
+                    ),
+                    Some(o) => format!("serving release {version}: {o}"),
+                }),
             ];
             if !self.ready {
                 self.ready = true;
@@ -290,12 +338,12 @@ impl<N: Notifier, L: Listener> HealthLoop<N, L> {
     }
 
     /// Verifies files on disk (stat every file, hash changed ones plus a rotating window)
-    /// and rewrites any that drifted. Returns (path, problem, healed) and how many files
-    /// were hashed.
-    async fn check_disk(&mut self) -> (Vec<(String, Mismatch, bool)>, usize) {
+    /// and rewrites any that drifted. Returns (path, problem, healed), how many files were
+    /// hashed, and why some could not be checked (out of descriptors or memory).
+    async fn check_disk(&mut self) -> (Vec<(String, Mismatch, bool)>, usize, Option<String>) {
         let files = &self.state.site.manifest.files;
         if files.is_empty() {
-            return (Vec::new(), 0);
+            return (Vec::new(), 0, None);
         }
         let sizes: Vec<u64> = files.iter().map(|f| f.size).collect();
         let (window, next) = rotation(&sizes, self.hash_cursor, self.config.hash_budget);
@@ -307,13 +355,13 @@ impl<N: Notifier, L: Listener> HealthLoop<N, L> {
             tokio::task::spawn_blocking(move || check_and_heal(&state, &root, &window, verified))
                 .await;
         match result {
-            Ok((drift, verified, hashed)) => {
-                self.verified = verified;
-                (drift, hashed)
+            Ok(outcome) => {
+                self.verified = outcome.verified;
+                (outcome.drift, outcome.hashed, outcome.unchecked)
             }
             Err(e) => {
                 warn!(error = %e, "disk check panicked");
-                (Vec::new(), 0)
+                (Vec::new(), 0, None)
             }
         }
     }
@@ -339,7 +387,9 @@ impl<N: Notifier, L: Listener> HealthLoop<N, L> {
     async fn fetch_path(&self, path: &str) -> Result<bytes::Bytes, FetchError> {
         let url = format!("http://{}/{}", self.listener.self_addr(), encode_path(path));
         let response = self.client.get(&url).send().await.map_err(|e| {
-            if e.is_connect() || e.is_timeout() {
+            if caused_by_exhaustion(&e) {
+                FetchError::Starved(format!("GET {url}: {e}"))
+            } else if e.is_connect() || e.is_timeout() {
                 FetchError::Unreachable(format!("GET {url}: {e}"))
             } else {
                 FetchError::Wrong(format!("GET {url}: {e}"))
@@ -356,6 +406,20 @@ impl<N: Notifier, L: Listener> HealthLoop<N, L> {
             .await
             .map_err(|e| FetchError::Unreachable(format!("GET {url}: reading the body: {e}")))
     }
+}
+
+/// Whether an error comes from running out of descriptors or memory somewhere in its chain.
+fn caused_by_exhaustion(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if c.downcast_ref::<io::Error>()
+            .is_some_and(is_resource_exhaustion)
+        {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
 }
 
 /// Percent-encodes each segment of a manifest path for a URL.
@@ -414,7 +478,13 @@ fn stamp(meta: &std::fs::Metadata) -> Stamp {
     }
 }
 
-type DiskOutcome = (Vec<(String, Mismatch, bool)>, HashMap<String, Stamp>, usize);
+struct DiskOutcome {
+    drift: Vec<(String, Mismatch, bool)>,
+    verified: HashMap<String, Stamp>,
+    hashed: usize,
+    /// Why some files could not be checked: the process ran out of descriptors or memory.
+    unchecked: Option<String>,
+}
 
 fn check_and_heal(
     state: &AgentState,
@@ -425,10 +495,15 @@ fn check_and_heal(
     let files = &state.site.manifest.files;
     let mut drift = Vec::new();
     let mut hashed = 0;
+    let mut unchecked = None;
     for (i, entry) in files.iter().enumerate() {
         let path = root.join(&entry.path);
         let mismatch = match std::fs::metadata(&path) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Some(Mismatch::Missing),
+            Err(e) if is_resource_exhaustion(&e) => {
+                unchecked.get_or_insert_with(|| e.to_string());
+                continue;
+            }
             Err(e) => Some(Mismatch::Unreadable {
                 error: e.to_string(),
             }),
@@ -444,12 +519,20 @@ fn check_and_heal(
                 if verified.get(&entry.path) == Some(&now) && !window.contains(&i) {
                     None
                 } else {
-                    hashed += 1;
-                    let m = entry.check_on_disk(root);
-                    if m.is_none() {
-                        verified.insert(entry.path.clone(), now);
+                    match entry.verify_on_disk(root) {
+                        Ok(m) => {
+                            hashed += 1;
+                            if m.is_none() {
+                                verified.insert(entry.path.clone(), now);
+                            }
+                            m
+                        }
+                        // Not drift, and healing would fail the same way: try next time.
+                        Err(e) => {
+                            unchecked.get_or_insert_with(|| e.to_string());
+                            None
+                        }
                     }
-                    m
                 }
             }
         };
@@ -471,7 +554,12 @@ fn check_and_heal(
         drift.push((entry.path.clone(), mismatch, healed));
     }
     debug!(hashed, drifted = drift.len(), "disk check");
-    (drift, verified, hashed)
+    DiskOutcome {
+        drift,
+        verified,
+        hashed,
+        unchecked,
+    }
 }
 
 /// Rewrites one file from the in-memory copy: write a sibling temp file, then rename, so a

@@ -179,14 +179,28 @@ impl FileEntry {
 
     /// Compares the file at `root/path` with this entry, streaming it through the hash.
     pub fn check_on_disk(&self, root: &Path) -> Option<Mismatch> {
+        self.verify_on_disk(root).unwrap_or_else(|e| {
+            Some(Mismatch::Unreadable {
+                error: e.to_string(),
+            })
+        })
+    }
+
+    /// Like [`FileEntry::check_on_disk`], but a file that could not be opened for want of
+    /// descriptors or memory is an error, not a mismatch: the agent is overloaded, and the
+    /// file says nothing about drift.
+    pub fn verify_on_disk(&self, root: &Path) -> Result<Option<Mismatch>, std::io::Error> {
         let path = root.join(&self.path);
         let mut file = match std::fs::File::open(&path) {
             Ok(file) => file,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Some(Mismatch::Missing),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Some(Mismatch::Missing))
+            }
+            Err(e) if is_resource_exhaustion(&e) => return Err(e),
             Err(e) => {
-                return Some(Mismatch::Unreadable {
+                return Ok(Some(Mismatch::Unreadable {
                     error: e.to_string(),
-                })
+                }))
             }
         };
         let mut hasher = Sha256::new();
@@ -200,25 +214,36 @@ impl FileEntry {
                     hasher.update(&buf[..n]);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if is_resource_exhaustion(&e) => return Err(e),
                 Err(e) => {
-                    return Some(Mismatch::Unreadable {
+                    return Ok(Some(Mismatch::Unreadable {
                         error: e.to_string(),
-                    })
+                    }))
                 }
             }
         }
         if size != self.size {
-            return Some(Mismatch::Size {
+            return Ok(Some(Mismatch::Size {
                 expected: self.size,
                 actual: size,
-            });
+            }));
         }
         let actual = hex::encode(hasher.finalize());
-        (actual != self.sha256).then(|| Mismatch::Digest {
+        Ok((actual != self.sha256).then(|| Mismatch::Digest {
             expected: self.sha256.clone(),
             actual,
-        })
+        }))
     }
+}
+
+/// Out of file descriptors (per process or system-wide) or memory: the agent is
+/// overloaded; nothing is wrong with the file or the listener.
+pub fn is_resource_exhaustion(e: &std::io::Error) -> bool {
+    use rustix::io::Errno;
+    matches!(
+        Errno::from_io_error(e),
+        Some(Errno::MFILE | Errno::NFILE | Errno::NOMEM)
+    )
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {

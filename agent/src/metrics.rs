@@ -15,9 +15,17 @@ struct StatusLabel {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitLabel {
+    limit: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReleaseLabel {
     version: String,
 }
+
+/// The connection time limits (the `limit` label of `connection_timeouts`).
+pub const LIMITS: [&str; 3] = ["header", "keep_alive", "send"];
 
 /// Statuses the agent itself answers with; anything else goes through the family.
 const COMMON: [u16; 8] = [200, 206, 304, 400, 404, 405, 416, 500];
@@ -29,6 +37,12 @@ pub struct Metrics {
     pub heals: Counter,
     pub self_check_failures: Counter,
     pub rebinds: Counter,
+    /// Idle connections closed because every slot was taken or descriptors ran out.
+    pub evictions: Counter,
+    pub accept_errors: Counter,
+    /// Self-checks that could not fetch because the server was overloaded.
+    pub self_checks_overloaded: Counter,
+    timeouts: [Counter; 3],
     pub clock_drift_seconds: Gauge<f64, AtomicU64>,
     pub clock_drift_failures: Counter,
     pub content_drift_files: Gauge,
@@ -39,11 +53,18 @@ impl Metrics {
         let mut registry = Registry::with_prefix("ami_agent");
         let requests = Family::<StatusLabel, Counter>::default();
         let common = COMMON.map(|status| requests.get_or_create_owned(&StatusLabel { status }));
+        let timeout_family = Family::<LimitLabel, Counter>::default();
+        let timeouts =
+            LIMITS.map(|limit| timeout_family.get_or_create_owned(&LimitLabel { limit }));
         let metrics = Metrics {
             common,
             heals: Counter::default(),
             self_check_failures: Counter::default(),
             rebinds: Counter::default(),
+            evictions: Counter::default(),
+            accept_errors: Counter::default(),
+            self_checks_overloaded: Counter::default(),
+            timeouts,
             clock_drift_seconds: Gauge::default(),
             clock_drift_failures: Counter::default(),
             content_drift_files: Gauge::default(),
@@ -65,6 +86,26 @@ impl Metrics {
             "listener_rebinds",
             "Times the listener was bound again",
             metrics.rebinds.clone(),
+        );
+        registry.register(
+            "connection_evictions",
+            "Idle connections closed to make room when every slot was taken or descriptors ran out",
+            metrics.evictions.clone(),
+        );
+        registry.register(
+            "accept_errors",
+            "accept() failures for want of file descriptors or memory",
+            metrics.accept_errors.clone(),
+        );
+        registry.register(
+            "self_checks_overloaded",
+            "Self-checks that could not fetch through the listener because the server was overloaded",
+            metrics.self_checks_overloaded.clone(),
+        );
+        registry.register(
+            "connection_timeouts",
+            "Connections closed by a time limit: header, keep_alive or send",
+            timeout_family,
         );
         registry.register(
             "clock_drift_seconds",
@@ -92,6 +133,20 @@ impl Metrics {
             registry,
             ..metrics
         }
+    }
+
+    /// Counts a connection closed by `limit` (one of [`LIMITS`]).
+    pub fn connection_timeout(&self, limit: &str) {
+        if let Some(i) = LIMITS.iter().position(|&l| l == limit) {
+            self.timeouts[i].inc();
+        }
+    }
+
+    pub fn connection_timeouts(&self, limit: &str) -> u64 {
+        LIMITS
+            .iter()
+            .position(|&l| l == limit)
+            .map_or(0, |i| self.timeouts[i].get())
     }
 
     pub fn request(&self, status: u16) {

@@ -112,7 +112,7 @@ impl Asset {
             .expect("hex digests are valid header values");
         let content_type = content_type_for(&entry.path);
         let content_length = HeaderValue::from(body.len());
-        let headers = crate::http::response::asset_headers(&etag, &content_type, &content_length);
+        let headers = crate::http::headers::asset_headers(&etag, &content_type, &content_length);
         Asset {
             content_type,
             entry,

@@ -36,6 +36,51 @@ pub struct SelfCheck {
     pub files_fetched: usize,
     pub files_verified_on_disk: usize,
     pub error: Option<String>,
+    /// Set when the server was too busy for the check to fetch through the listener or
+    /// read files (every slot taken, descriptors exhausted): not a failure of the content
+    /// or the process, so the check still passes and the watchdog is still fed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overloaded: Option<String>,
+    /// The server's connections when the check ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load: Option<Load>,
+}
+
+/// The HTTP server's load, as the health loop reports it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Load {
+    pub open_connections: usize,
+    pub max_connections: usize,
+    /// Every connection slot is held by a connection with a request in progress, so new
+    /// clients wait in the kernel's backlog.
+    pub saturated: bool,
+    /// accept() is failing for want of file descriptors or memory, and backing off.
+    pub starved: bool,
+}
+
+impl Load {
+    /// Busy rather than broken: a self-fetch that times out now says nothing about the
+    /// listener or the content.
+    pub fn is_overloaded(&self) -> bool {
+        self.saturated || self.starved
+    }
+}
+
+impl std::fmt::Display for Load {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} of {} connections open",
+            self.open_connections, self.max_connections
+        )?;
+        if self.saturated {
+            write!(f, ", every slot busy")?;
+        }
+        if self.starved {
+            write!(f, ", out of file descriptors")?;
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -169,6 +214,8 @@ mod tests {
             files_fetched: 1,
             files_verified_on_disk: 1,
             error: None,
+            overloaded: None,
+            load: None,
         })
     }
 

@@ -3,33 +3,15 @@
 
 mod common;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ami_agent::health::{HealthConfig, HealthLoop, Listener, ServerListener};
 use ami_agent::http::{bind, Server, ServerConfig};
-use ami_agent::notify::{Notice, Notifier};
+use ami_agent::notify::Notice;
 use ami_agent::site::Site;
 use ami_agent::state::AgentState;
 use common::*;
-
-#[derive(Clone, Default)]
-struct Recorder(Arc<Mutex<Vec<Notice>>>);
-
-impl Notifier for Recorder {
-    fn notify(&self, notices: &[Notice]) {
-        self.0.lock().unwrap().extend_from_slice(notices);
-    }
-    fn watchdog(&self) -> Option<Duration> {
-        None
-    }
-}
-
-impl Recorder {
-    fn take(&self) -> Vec<Notice> {
-        std::mem::take(&mut self.0.lock().unwrap())
-    }
-}
 
 fn start(
     site: &TestSite,

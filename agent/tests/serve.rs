@@ -278,8 +278,11 @@ async fn slowloris_is_cut_off_by_the_header_timeout() {
 }
 
 #[tokio::test]
-async fn connection_limit_queues_the_next_client() {
+async fn connection_limit_queues_the_next_client_behind_busy_ones() {
     let site = test_site();
+    // Larger than loopback's socket buffers: a client that does not read keeps its
+    // connection busy. (Idle connections would be closed to make room: see hostile.rs.)
+    std::fs::write(site.root.join("huge.bin"), big_bytes(16 << 20)).unwrap();
     let s = start_in_process(
         &site.root,
         ServerConfig {
@@ -287,9 +290,14 @@ async fn connection_limit_queues_the_next_client() {
             ..ServerConfig::default()
         },
     );
-    let hold1 = TcpStream::connect(s.addr).await.unwrap();
-    let _hold2 = TcpStream::connect(s.addr).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut hold1 = TcpStream::connect(s.addr).await.unwrap();
+    let mut hold2 = TcpStream::connect(s.addr).await.unwrap();
+    for hold in [&mut hold1, &mut hold2] {
+        hold.write_all(b"GET /huge.bin HTTP/1.1\r\nHost: t\r\n\r\n")
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let third = tokio::spawn(get(s.addr, "GET", "/version.txt", &[]));
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(

@@ -57,6 +57,12 @@
           machine.succeed("curl --fail --silent http://127.0.0.1/ | grep -F 'Hello, world!'")
           machine.succeed("curl --fail --silent http://127.0.0.1/healthz")
 
+      with subtest("the open-file limit covers max_connections (4096 by default)"):
+          pid = machine.succeed("systemctl show --property MainPID --value ami-agent.service").strip()
+          limits = machine.succeed(f"grep -F 'Max open files' /proc/{pid}/limits").split()
+          soft, hard = int(limits[3]), int(limits[4])
+          assert soft == hard == 4096 + 1024, f"open-file limit {soft}/{hard}"
+
       with subtest("the health check passes, by the path SSM Run Command uses"):
           machine.succeed("/run/current-system/sw/bin/ami-agent check")
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::config::{self, FileConfig, Overrides};
 use crate::health::{HealthConfig, HealthLoop, ServerListener};
@@ -54,6 +54,13 @@ pub struct Args {
     /// Seconds a client has to send request headers [default: 10].
     #[arg(long, env = "AMI_AGENT_HEADER_READ_TIMEOUT")]
     pub header_read_timeout: Option<u64>,
+    /// Seconds a kept-alive connection may wait for its next request [default: 75].
+    #[arg(long, env = "AMI_AGENT_KEEP_ALIVE_TIMEOUT")]
+    pub keep_alive_timeout: Option<u64>,
+    /// Seconds a response may wait for the client to read before the connection is
+    /// dropped [default: 60].
+    #[arg(long, env = "AMI_AGENT_SEND_TIMEOUT")]
+    pub send_timeout: Option<u64>,
     /// Seconds in-flight requests get to finish after SIGTERM [default: 10].
     #[arg(long, env = "AMI_AGENT_SHUTDOWN_TIMEOUT")]
     pub shutdown_timeout: Option<u64>,
@@ -78,6 +85,8 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
             drift_sources: args.drift_sources,
             max_connections: args.max_connections,
             header_read_timeout: args.header_read_timeout,
+            keep_alive_timeout: args.keep_alive_timeout,
+            send_timeout: args.send_timeout,
             shutdown_timeout: args.shutdown_timeout,
         },
         file,
@@ -96,12 +105,15 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
         root = %settings.root.display(),
         "release loaded and verified"
     );
+    raise_fd_limit(settings.max_connections);
     let state = Arc::new(AgentState::new(site));
     let server = Server::new(
         state.clone(),
         &ServerConfig {
             max_connections: settings.max_connections,
             header_read_timeout: settings.header_read_timeout,
+            keep_alive_timeout: settings.keep_alive_timeout,
+            send_timeout: settings.send_timeout,
             ..ServerConfig::default()
         },
     );
@@ -147,6 +159,39 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
     let drained = server.shutdown(settings.shutdown_timeout).await;
     info!(drained, "stopped");
     Ok(0)
+}
+
+/// Descriptors the agent needs beyond its connections: the listener, the health loop's
+/// self-fetch and disk check, the clock probes, the log.
+const RESERVED_FDS: u64 = 64;
+
+/// Raises the soft open-file limit to the hard one: systemd and most shells start services
+/// with a soft limit of 1024, which a few hundred idle clients beyond it would exhaust,
+/// failing accepts and the health loop's own file reads. Warns when even the hard limit
+/// cannot hold `max_connections`.
+fn raise_fd_limit(max_connections: usize) {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        let before = limit.current;
+        limit.current = limit.maximum;
+        match setrlimit(Resource::Nofile, limit) {
+            Ok(()) => info!(from = ?before, to = ?limit.maximum, "raised the open-file limit"),
+            Err(e) => warn!(error = %e, "cannot raise the open-file limit"),
+        }
+    }
+    let soft = getrlimit(Resource::Nofile).current;
+    let needed = max_connections as u64 + RESERVED_FDS;
+    if soft.is_some_and(|soft| soft < needed) {
+        warn!(
+            limit = soft,
+            needed,
+            max_connections,
+            "the open-file limit is below what max_connections needs: when it runs out, new \
+             clients wait and idle connections are closed; raise LimitNOFILE (the NixOS \
+             module sets it from max_connections) or lower max_connections"
+        );
+    }
 }
 
 async fn wait_for_signal() -> std::io::Result<&'static str> {

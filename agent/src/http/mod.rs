@@ -1,11 +1,14 @@
-//! The HTTP/1.1 server: hyper with per-connection limits, a listener that can be replaced
-//! while connections keep running, and a bounded graceful drain.
+//! The HTTP/1.1 server: hyper with per-connection limits (see `conn`), a listener that can
+//! be replaced while connections keep running, and a bounded graceful drain.
 
+pub mod conn;
+pub mod headers;
 pub mod response;
 
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,15 +22,21 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::state::AgentState;
+use crate::state::{AgentState, Load};
 
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     /// Connections beyond this wait in the kernel's backlog until one closes.
     pub max_connections: usize,
-    /// Time a client has to send a request's headers, and to start the next request on a
-    /// kept-alive connection: what defeats slowloris.
+    /// Time a client has to send a request's head once it started it, and a new
+    /// connection to send its first byte: what defeats slowloris.
     pub header_read_timeout: Duration,
+    /// How long a kept-alive connection may wait for its next request. Longer than a load
+    /// balancer's idle timeout (an ALB's is 60 s), so the balancer closes first.
+    pub keep_alive_timeout: Duration,
+    /// How long a response may wait for the client to take more bytes before the
+    /// connection is dropped.
+    pub send_timeout: Duration,
     /// Largest request head accepted; larger ones get 431 and the connection closes.
     pub max_header_bytes: usize,
 }
@@ -37,6 +46,9 @@ impl Default for ServerConfig {
         ServerConfig {
             max_connections: 4096,
             header_read_timeout: Duration::from_secs(10),
+            // nginx's defaults for keepalive_timeout and send_timeout.
+            keep_alive_timeout: Duration::from_secs(75),
+            send_timeout: Duration::from_secs(60),
             max_header_bytes: 16 * 1024,
         }
     }
@@ -52,10 +64,27 @@ pub struct Server {
 struct Inner {
     state: Arc<AgentState>,
     http: http1::Builder,
+    limits: conn::Limits,
+    max_connections: usize,
     slots: Arc<Semaphore>,
     connections: TaskTracker,
+    registry: Arc<conn::Registry>,
     draining: CancellationToken,
+    load: LoadState,
 }
+
+/// What the accept loops saw lately, for the health loop to tell busy from dead.
+#[derive(Default)]
+struct LoadState {
+    /// Every slot taken and nothing idle to close: new clients wait in the backlog.
+    saturated: AtomicBool,
+    /// accept() is failing for want of file descriptors or memory.
+    starved: AtomicBool,
+    accept_errors: AtomicU64,
+}
+
+/// Idle connections closed at a time when resources run out (nginx drains 32).
+const EVICT_BATCH: usize = 32;
 
 /// One accept loop on one listener.
 pub struct Acceptor {
@@ -66,9 +95,16 @@ pub struct Acceptor {
 
 impl Server {
     pub fn new(state: Arc<AgentState>, config: &ServerConfig) -> Self {
+        let limits = conn::Limits {
+            header: config.header_read_timeout,
+            keep_alive: config.keep_alive_timeout,
+            send: config.send_timeout,
+        };
         let mut http = http1::Builder::new();
         http.timer(TokioTimer::new())
-            .header_read_timeout(config.header_read_timeout)
+            // `conn::Guarded` enforces the header and keep-alive limits separately; hyper's
+            // timer, which runs from the end of the previous response, is only a backstop.
+            .header_read_timeout(config.header_read_timeout + config.keep_alive_timeout)
             .max_header_size(config.max_header_bytes)
             // The read buffer holds a head plus pipelined requests; hyper's minimum is 8 KiB.
             .max_buf_size((config.max_header_bytes * 2).max(8192))
@@ -77,9 +113,13 @@ impl Server {
             inner: Arc::new(Inner {
                 state,
                 http,
+                limits,
+                max_connections: config.max_connections.max(1),
                 slots: Arc::new(Semaphore::new(config.max_connections.max(1))),
                 connections: TaskTracker::new(),
+                registry: Arc::new(conn::Registry::default()),
                 draining: CancellationToken::new(),
+                load: LoadState::default(),
             }),
         }
     }
@@ -117,6 +157,18 @@ impl Server {
 
     pub fn open_connections(&self) -> usize {
         self.inner.connections.len()
+    }
+
+    pub fn load(&self) -> Load {
+        Load {
+            open_connections: self.inner.registry.len(),
+            max_connections: self.inner.max_connections,
+            // The flag is set when the accept loop found no idle connection to close; it
+            // is stale as soon as a slot frees.
+            saturated: self.inner.slots.available_permits() == 0
+                && self.inner.load.saturated.load(Ordering::Relaxed),
+            starved: self.inner.load.starved.load(Ordering::Relaxed),
+        }
     }
 }
 
@@ -162,17 +214,40 @@ pub fn bind(addr: SocketAddr, reuse_port: bool) -> io::Result<TcpListener> {
 }
 
 async fn accept_loop(inner: Arc<Inner>, listener: TcpListener, stop: CancellationToken) {
+    let mut backoff = AcceptBackoff::default();
     loop {
-        let permit = tokio::select! {
-            permit = inner.slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
-            _ = stop.cancelled() => break,
+        let permit = match inner.slots.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                // Every slot is taken: close idle connections (they free their slots as they
+                // go) and wait; only when none is idle is the server saturated.
+                let evicted = inner.registry.evict_idle(EVICT_BATCH);
+                if evicted == 0 {
+                    set_flag(
+                        &inner.load.saturated,
+                        true,
+                        "every connection slot is busy; new clients wait in the backlog",
+                    );
+                }
+                inner.state.metrics.evictions.inc_by(evicted as u64);
+                tokio::select! {
+                    permit = inner.slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+                    _ = stop.cancelled() => break,
+                }
+            }
         };
+        if inner.slots.available_permits() > 0 {
+            set_flag(&inner.load.saturated, false, "connection slots free again");
+        }
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             _ = stop.cancelled() => break,
         };
         match accepted {
             Ok((stream, peer)) => {
+                if backoff.recovered() {
+                    set_flag(&inner.load.starved, false, "accepting connections again");
+                }
                 let inner2 = inner.clone();
                 inner.connections.spawn(async move {
                     serve_connection(inner2, stream, peer).await;
@@ -182,21 +257,95 @@ async fn accept_loop(inner: Arc<Inner>, listener: TcpListener, stop: Cancellatio
             // Per-connection failures (the peer reset before we accepted): nothing to do.
             Err(e) if is_connection_error(&e) => debug!(error = %e, "accept"),
             Err(e) => {
-                // Out of file descriptors or memory: back off instead of spinning; the
-                // limit frees up as connections close.
-                warn!(error = %e, "accept failed, backing off");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                // Out of file descriptors or memory. The pending connection stays in the
+                // backlog; close idle connections to free descriptors, and back off instead
+                // of spinning. The listener itself is fine: nothing to rebind.
+                drop(permit);
+                inner.load.accept_errors.fetch_add(1, Ordering::Relaxed);
+                inner.state.metrics.accept_errors.inc();
+                let evicted = inner.registry.evict_idle(EVICT_BATCH);
+                inner.state.metrics.evictions.inc_by(evicted as u64);
+                let delay = backoff.failed();
+                set_flag(&inner.load.starved, true, "");
+                if let Some(failures) = backoff.should_warn() {
+                    warn!(error = %e, failures, evicted, "accept failed; closing idle connections and backing off until descriptors free up");
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = stop.cancelled() => break,
+                }
             }
         }
     }
     debug!("accept loop stopped");
 }
 
+/// Sets a load flag, logging the change once rather than at every accept.
+fn set_flag(flag: &AtomicBool, value: bool, message: &str) {
+    if flag.swap(value, Ordering::Relaxed) != value && !message.is_empty() {
+        if value {
+            warn!("{message}");
+        } else {
+            info!("{message}");
+        }
+    }
+}
+
+/// Exponential backoff for accept() failures (10 ms doubling to 1 s), and a warning at most
+/// every 10 s with the number of failures since the last one.
+#[derive(Default)]
+struct AcceptBackoff {
+    failures: u32,
+    unreported: u64,
+    warned: Option<std::time::Instant>,
+}
+
+impl AcceptBackoff {
+    const FIRST: Duration = Duration::from_millis(10);
+    const MAX: Duration = Duration::from_secs(1);
+    const WARN_EVERY: Duration = Duration::from_secs(10);
+
+    fn failed(&mut self) -> Duration {
+        self.failures = self.failures.saturating_add(1);
+        self.unreported += 1;
+        Self::FIRST
+            .saturating_mul(1 << (self.failures - 1).min(7))
+            .min(Self::MAX)
+    }
+
+    /// The failures to report, when it is time to warn again.
+    fn should_warn(&mut self) -> Option<u64> {
+        if self
+            .warned
+            .is_some_and(|at| at.elapsed() < Self::WARN_EVERY)
+        {
+            return None;
+        }
+        self.warned = Some(std::time::Instant::now());
+        Some(std::mem::take(&mut self.unreported))
+    }
+
+    /// Clears the failures; true if there were any.
+    fn recovered(&mut self) -> bool {
+        std::mem::take(&mut self.failures) > 0
+    }
+}
+
 async fn serve_connection(inner: Arc<Inner>, stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
+    let registration = inner.registry.register();
+    let shared = registration.shared.clone();
+    let stream = conn::Guarded::new(stream, shared.clone(), inner.limits);
+    let expired = stream.expired();
     let state = inner.state.clone();
+    let on_request = shared.clone();
     let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-        let response = response::respond(&state, req.method(), req.uri().path(), req.headers());
+        on_request.request_started();
+        let response = response::respond(&state, &req);
+        let response = response.map(|body| Tracked {
+            body,
+            shared: on_request.clone(),
+        });
         std::future::ready(Ok::<_, Infallible>(response))
     });
     let conn = inner.http.serve_connection(TokioIo::new(stream), service);
@@ -208,10 +357,59 @@ async fn serve_connection(inner: Arc<Inner>, stream: TcpStream, peer: SocketAddr
             conn.as_mut().graceful_shutdown();
             conn.await
         }
+        _ = shared.evict.notified() => {
+            // Resources ran out and this connection was idle: close it. One that never
+            // sent a byte is simply dropped (hyper's graceful shutdown would wait for its
+            // first request); a request that arrived meanwhile is answered first.
+            if shared.is_idle() {
+                Ok(())
+            } else {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        }
     };
+    let expired = *expired.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(why) = expired {
+        inner.state.metrics.connection_timeout(why.label());
+    }
     if let Err(e) = result {
         // Garbage, oversized heads, timeouts and resets end here: the client's problem.
         debug!(%peer, error = %e, "connection closed with an error");
+    }
+    drop(registration);
+}
+
+/// A response body that tells the connection when it has been handed over in full (hyper
+/// drops it then), so the keep-alive limit starts counting.
+struct Tracked<B> {
+    body: B,
+    shared: Arc<conn::Shared>,
+}
+
+impl<B: hyper::body::Body + Unpin> hyper::body::Body for Tracked<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl<B> Drop for Tracked<B> {
+    fn drop(&mut self) {
+        self.shared.response_done();
     }
 }
 

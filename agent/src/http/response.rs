@@ -4,61 +4,65 @@
 //! and looked up by exact string in that list, so traversal is impossible by construction:
 //! there is no filesystem path to escape from.
 
+mod conditional;
+mod request;
+
 use std::borrow::Cow;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
-use http::{Method, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 
+use self::conditional::Precondition;
+use self::request::MethodClass;
+pub use self::request::MAX_TARGET_BYTES;
+use super::headers::{common_headers, GET_HEAD, JSON, NO_CACHE, NO_STORE, PROMETHEUS, TEXT};
 use crate::site::Asset;
 use crate::state::AgentState;
 
 pub type Body = Full<Bytes>;
 
 const ROBOTS_TXT: &str = "User-agent: *\nDisallow: /\n";
-const NOINDEX: HeaderValue = HeaderValue::from_static("noindex, nofollow");
-const NOSNIFF: HeaderValue = HeaderValue::from_static("nosniff");
-const NO_CACHE: HeaderValue = HeaderValue::from_static("no-cache");
-const NO_STORE: HeaderValue = HeaderValue::from_static("no-store");
-const BYTES: HeaderValue = HeaderValue::from_static("bytes");
-const TEXT: HeaderValue = HeaderValue::from_static("text/plain; charset=utf-8");
-const JSON: HeaderValue = HeaderValue::from_static("application/json");
-const PROMETHEUS: HeaderValue =
-    HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8");
-const SERVER: HeaderValue = HeaderValue::from_static("ami-agent");
 
-pub fn respond(
-    state: &AgentState,
-    method: &Method,
-    path: &str,
-    headers: &HeaderMap,
-) -> Response<Body> {
-    let response = route(state, method, path, headers);
+/// Answers one request (its body, if any, is never read). Targets over
+/// [`MAX_TARGET_BYTES`] get 414; heads over `ServerConfig::max_header_bytes` never get
+/// here, hyper answers them 431 without these rules or their headers.
+pub fn respond<B>(state: &AgentState, req: &Request<B>) -> Response<Body> {
+    let response = route(state, req);
     state.metrics.request(response.status().as_u16());
     response
 }
 
-fn route(state: &AgentState, method: &Method, path: &str, headers: &HeaderMap) -> Response<Body> {
-    let head = match *method {
-        Method::GET => false,
-        Method::HEAD => true,
-        _ => {
+fn route<B>(state: &AgentState, req: &Request<B>) -> Response<Body> {
+    let head = req.method() == Method::HEAD;
+    // In the order a request is read: its target, its fields, then what its method means.
+    if request::target_len(req.uri()) > MAX_TARGET_BYTES {
+        return plain(StatusCode::URI_TOO_LONG, "uri too long\n", head);
+    }
+    if !request::host_ok(req.version(), req.uri(), req.headers()) {
+        return plain(StatusCode::BAD_REQUEST, "bad host\n", head);
+    }
+    match request::classify(req.method()) {
+        MethodClass::Served => {}
+        MethodClass::NotAllowed => {
             let mut r = plain(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method not allowed\n",
                 false,
             );
-            r.headers_mut()
-                .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+            r.headers_mut().insert(header::ALLOW, GET_HEAD);
             return r;
         }
-    };
-    let Some(name) = resolve(path) else {
+        MethodClass::Unknown => {
+            return plain(StatusCode::NOT_IMPLEMENTED, "not implemented\n", false);
+        }
+    }
+    let Some(name) = resolve(req.uri().path()) else {
         return plain(StatusCode::NOT_FOUND, "not found\n", head);
     };
     if let Some(asset) = state.site.get(&name) {
-        return serve_asset(asset, headers, head);
+        return serve_asset(asset, req.headers(), head);
     }
     // Built-in endpoints, each only where the content does not have that path.
     match name.as_ref() {
@@ -120,43 +124,31 @@ fn valid_segments<'a>(mut segments: impl Iterator<Item = &'a str>) -> bool {
     segments.all(|s| !s.is_empty() && s != "." && s != ".." && !s.contains(['\\', '\0']))
 }
 
-/// The head of an asset's 200 answer (built once per asset when the release loads).
-pub fn asset_headers(
-    etag: &HeaderValue,
-    content_type: &HeaderValue,
-    content_length: &HeaderValue,
-) -> HeaderMap {
-    let mut h = HeaderMap::with_capacity(8);
-    common_headers(&mut h);
-    h.insert(header::ETAG, etag.clone());
-    h.insert(header::CACHE_CONTROL, NO_CACHE);
-    h.insert(header::ACCEPT_RANGES, BYTES);
-    h.insert(header::CONTENT_TYPE, content_type.clone());
-    h.insert(header::CONTENT_LENGTH, content_length.clone());
-    h
-}
-
 fn serve_asset(asset: &Asset, headers: &HeaderMap, head: bool) -> Response<Body> {
+    match conditional::evaluate(headers, &asset.etag) {
+        Precondition::Passed => {}
+        Precondition::Failed => {
+            return plain(
+                StatusCode::PRECONDITION_FAILED,
+                "precondition failed\n",
+                head,
+            )
+        }
+        Precondition::NotModified => return not_modified(asset),
+    }
     let mut builder = Response::builder();
     let h = builder.headers_mut().expect("a fresh builder has headers");
     *h = asset.headers.clone();
 
-    if let Some(inm) = headers.get(header::IF_NONE_MATCH) {
-        if etag_list_matches(inm, &asset.etag) {
-            h.remove(header::CONTENT_LENGTH);
-            return builder
-                .status(StatusCode::NOT_MODIFIED)
-                .body(Body::default())
-                .expect("valid response");
-        }
-    }
     let len = asset.body.len() as u64;
-    // If-Range with another validator means "the whole thing": our copy changed.
+    // If-Range with another validator means "the whole thing": our copy changed. Only
+    // a strong, byte-equal tag matches (RFC 9110 §13.1.5); we have no dates to compare.
     let range_applies = headers
         .get(header::IF_RANGE)
         .is_none_or(|v| v.as_bytes() == asset.etag.as_bytes());
     let range = match headers.get(header::RANGE) {
-        Some(value) if range_applies => parse_range(value.as_bytes(), len),
+        // GET is the only method with range handling; a HEAD gets the 200 (RFC 9110 §14.2).
+        Some(value) if range_applies && !head => parse_range(value.as_bytes(), len),
         _ => RangeResult::Full,
     };
     let h = builder.headers_mut().expect("a fresh builder has headers");
@@ -203,6 +195,24 @@ fn serve_asset(asset: &Asset, headers: &HeaderMap, head: bool) -> Response<Body>
     }
 }
 
+/// A 304 carries only what a cache needs to refresh its stored 200 (RFC 9110 §15.4.5):
+/// ETag, Cache-Control and the fields that are not about the representation. Content-Type
+/// is representation metadata the cache already has; Content-Length and Accept-Ranges
+/// describe a body that is not sent (nginx drops the same three).
+fn not_modified(asset: &Asset) -> Response<Body> {
+    let mut builder = Response::builder().status(StatusCode::NOT_MODIFIED);
+    let h = builder.headers_mut().expect("a fresh builder has headers");
+    *h = asset.headers.clone();
+    for name in [
+        header::CONTENT_TYPE,
+        header::CONTENT_LENGTH,
+        header::ACCEPT_RANGES,
+    ] {
+        h.remove(name);
+    }
+    builder.body(Body::default()).expect("valid response")
+}
+
 #[derive(Debug, PartialEq, Eq)]
 pub enum RangeResult {
     /// No usable range: serve everything (also for multiple ranges, which RFC 9110 lets
@@ -216,24 +226,37 @@ pub enum RangeResult {
     Unsatisfiable,
 }
 
-/// Parses a `Range` header for a body of `len` bytes.
+/// Parses a `Range` header for a body of `len` bytes: `range-unit "=" range-set`
+/// (RFC 9110 §14.1.1). The unit is case-insensitive; whitespace is allowed only around the
+/// list's commas, not around `=` or `-`. Anything malformed is ignored (a 200), as §14.2
+/// allows.
 pub fn parse_range(value: &[u8], len: u64) -> RangeResult {
     let Ok(value) = std::str::from_utf8(value) else {
         return RangeResult::Full;
     };
-    let Some(spec) = value.trim().strip_prefix("bytes=") else {
+    let Some((unit, set)) = value.split_once('=') else {
         return RangeResult::Full;
     };
-    if spec.contains(',') {
+    if !unit.eq_ignore_ascii_case("bytes") {
         return RangeResult::Full;
     }
-    let Some((first, last)) = spec.trim().split_once('-') else {
+    // `1#range-spec`: empty elements and OWS around them are allowed (§5.6.1).
+    let mut specs = set
+        .split(',')
+        .map(|s| s.trim_matches([' ', '\t']))
+        .filter(|s| !s.is_empty());
+    let (Some(spec), None) = (specs.next(), specs.next()) else {
         return RangeResult::Full;
     };
-    let parse = |s: &str| -> Option<u64> {
-        (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())).then(|| s.parse().ok())?
+    let Some((first, last)) = spec.split_once('-') else {
+        return RangeResult::Full;
     };
-    match (first.trim(), last.trim()) {
+    // `1*DIGIT`; a position beyond u64 is past any body, so it saturates.
+    let parse = |s: &str| -> Option<u64> {
+        (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| s.parse().unwrap_or(u64::MAX))
+    };
+    match (first, last) {
         ("", suffix) => match parse(suffix) {
             Some(0) => RangeResult::Unsatisfiable,
             Some(_) if len == 0 => RangeResult::Unsatisfiable,
@@ -261,24 +284,6 @@ pub fn parse_range(value: &[u8], len: u64) -> RangeResult {
             _ => RangeResult::Full,
         },
     }
-}
-
-/// `If-None-Match` uses weak comparison: `W/"x"` matches `"x"`; `*` matches anything.
-pub fn etag_list_matches(value: &HeaderValue, etag: &HeaderValue) -> bool {
-    let Ok(list) = value.to_str() else {
-        return false;
-    };
-    let ours = etag.as_bytes();
-    list.split(',')
-        .map(str::trim)
-        .any(|tag| tag == "*" || tag.strip_prefix("W/").unwrap_or(tag).as_bytes() == ours)
-}
-
-fn common_headers(h: &mut HeaderMap) {
-    // The site must stay out of search engines, whatever a crawler makes of robots.txt.
-    h.insert("x-robots-tag", NOINDEX);
-    h.insert(header::X_CONTENT_TYPE_OPTIONS, NOSNIFF);
-    h.insert(header::SERVER, SERVER);
 }
 
 fn plain(status: StatusCode, text: &'static str, head: bool) -> Response<Body> {
@@ -363,14 +368,45 @@ mod tests {
     }
 
     #[test]
-    fn etags() {
-        let ours = HeaderValue::from_static("\"abc\"");
-        let m = |v: &'static str| etag_list_matches(&HeaderValue::from_static(v), &ours);
-        assert!(m("\"abc\""));
-        assert!(m("W/\"abc\""));
-        assert!(m("\"x\", \"abc\""));
-        assert!(m("*"));
-        assert!(!m("\"abd\""));
-        assert!(!m("abc"));
+    fn range_unit_is_case_insensitive() {
+        use RangeResult::*;
+        let p = |s: &str| parse_range(s.as_bytes(), 10);
+        assert_eq!(p("Bytes=0-4"), Partial { start: 0, end: 4 });
+        assert_eq!(p("BYTES=-3"), Partial { start: 7, end: 9 });
+        assert_eq!(p("bYtEs=5-"), Partial { start: 5, end: 9 });
+        assert_eq!(p("byte=0-4"), Full);
+        assert_eq!(p("bytesx=0-4"), Full);
+    }
+
+    #[test]
+    fn range_whitespace_only_around_commas() {
+        use RangeResult::*;
+        let p = |s: &str| parse_range(s.as_bytes(), 10);
+        assert_eq!(p("bytes=0-4,"), Partial { start: 0, end: 4 });
+        assert_eq!(p("bytes=0-4 , "), Partial { start: 0, end: 4 });
+        assert_eq!(p("bytes=, \t0-4"), Partial { start: 0, end: 4 });
+        assert_eq!(p("bytes=0-1 ,\t3-4"), Full);
+        assert_eq!(p("bytes = 0-4"), Full);
+        assert_eq!(p("bytes =0-4"), Full);
+        assert_eq!(p("bytes=0 -4"), Full);
+        assert_eq!(p("bytes=0- 4"), Full);
+        assert_eq!(p("bytes=- 3"), Full);
+        assert_eq!(p("bytes="), Full);
+        assert_eq!(p("bytes=,"), Full);
+    }
+
+    #[test]
+    fn range_positions_beyond_u64() {
+        use RangeResult::*;
+        let p = |s: &str| parse_range(s.as_bytes(), 10);
+        assert_eq!(
+            p("bytes=2-99999999999999999999999"),
+            Partial { start: 2, end: 9 }
+        );
+        assert_eq!(p("bytes=99999999999999999999999-"), Unsatisfiable);
+        assert_eq!(
+            p("bytes=-99999999999999999999999"),
+            Partial { start: 0, end: 9 }
+        );
     }
 }

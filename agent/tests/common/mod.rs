@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use ami_agent::http::{bind, Acceptor, Server, ServerConfig};
 use ami_agent::manifest::Manifest;
+use ami_agent::notify::{Notice, Notifier};
 use ami_agent::site::Site;
 use ami_agent::state::AgentState;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -18,6 +19,26 @@ use tokio::net::TcpStream;
 
 pub const INDEX: &str = "<!doctype html><title>t</title><h1>Hello, world!</h1>\n";
 pub const VERSION: &str = "v1-test 26.05\n";
+
+/// A systemd stand-in that records what the agent tells it.
+#[derive(Clone, Default)]
+pub struct Recorder(Arc<std::sync::Mutex<Vec<Notice>>>);
+
+impl Notifier for Recorder {
+    fn notify(&self, notices: &[Notice]) {
+        self.0.lock().unwrap().extend_from_slice(notices);
+    }
+    fn watchdog(&self) -> Option<Duration> {
+        None
+    }
+}
+
+impl Recorder {
+    /// What was recorded since the last call.
+    pub fn take(&self) -> Vec<Notice> {
+        std::mem::take(&mut self.0.lock().unwrap())
+    }
+}
 
 /// Writes a small site: index.html, version.txt, css/site.css, a 200 KiB binary file.
 pub fn write_site(dir: &Path) {

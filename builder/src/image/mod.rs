@@ -2,6 +2,7 @@
 
 pub mod aws;
 pub mod aws_lifecycle;
+pub mod buffers;
 pub mod cache;
 pub mod digest;
 pub mod gc;

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use indicatif::ProgressBar;
 use tokio::sync::{mpsc, Mutex};
 use tokio_util::sync::CancellationToken;
@@ -22,6 +22,7 @@ use tracing::{debug, info, warn};
 
 use crate::aws::AwsError;
 
+use super::buffers::BlockPool;
 use super::digest::{block_digest, image_digest, linear_checksum, zero_block_digest, BlockDigest};
 use super::info::ImageSource;
 use super::plan::{is_zero, must_upload, plan, Planned, BLOCK_SIZE};
@@ -209,7 +210,10 @@ pub async fn upload<S: SnapshotStore>(
         path: image.path.clone(),
         source,
     })?;
-    let reader = std::thread::spawn(move || read_blocks(&file, size, omit, &tx, &reader_progress));
+    // Enough buffers for every job queued and in flight, so steady state allocates nothing.
+    let pool = BlockPool::new(BLOCK_SIZE as usize, 2 * opts.concurrency.max(1) + 2);
+    let reader =
+        std::thread::spawn(move || read_blocks(&file, size, omit, &pool, &tx, &reader_progress));
 
     let stop = cancel.child_token();
     let rx = Arc::new(Mutex::new(rx));
@@ -494,6 +498,7 @@ fn read_blocks(
     file: &std::fs::File,
     size: u64,
     omit_zero_blocks: bool,
+    pool: &Arc<BlockPool>,
     tx: &mpsc::Sender<Job>,
     progress: &ProgressBar,
 ) -> Result<ReadSummary, ReadError> {
@@ -519,7 +524,11 @@ fn read_blocks(
                 zero: true,
             }),
             Planned::Read { len, .. } => {
-                let mut buf = BytesMut::zeroed(BLOCK_SIZE as usize);
+                let mut block = pool.take();
+                let buf = block.as_mut_slice();
+                // A reused buffer holds an earlier block: the short last block's padding
+                // must be zeros again.
+                buf[len as usize..].fill(0);
                 file.read_exact_at(&mut buf[..len as usize], index * BLOCK_SIZE)
                     .map_err(|e| match e.kind() {
                         io::ErrorKind::UnexpectedEof => ReadError::Changed(format!(
@@ -531,7 +540,7 @@ fn read_blocks(
                 let zero = is_zero(&buf[..len as usize]);
                 must_upload(zero, omit_zero_blocks).then(|| Job {
                     index,
-                    data: buf.freeze(),
+                    data: block.freeze(),
                     len,
                     zero,
                 })

@@ -1,0 +1,519 @@
+//! Per-connection time limits and the registry of open connections.
+//!
+//! hyper has one timer, `header_read_timeout`, and it starts when it begins to read a head:
+//! on a kept-alive connection that is when the previous response ended, so it doubles as
+//! the idle timeout and nothing limits a client that stops reading a response. The stream
+//! wrapper here gives each phase its own limit, the way nginx does:
+//!
+//! - **header**: from the first byte of a request to its complete head
+//!   (`client_header_timeout`); a new connection gets the same time for its first byte;
+//! - **keep-alive**: from the end of a response to the first byte of the next request
+//!   (`keepalive_timeout`). Behind a load balancer this must outlast the balancer's own
+//!   idle timeout (60 s on an ALB), or the balancer sends requests on connections the
+//!   agent is closing and answers them 502;
+//! - **send**: the longest a write may wait for the client to take bytes (`send_timeout`):
+//!   a client that stops reading is dropped, however large the response.
+//!
+//! The registry lets the accept loop close idle connections when every slot is taken or
+//! file descriptors run out (nginx's reusable connections): a flood of idle sockets then
+//! cannot keep a new client waiting.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::Notify;
+use tokio::time::{Instant, Sleep};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub header: Duration,
+    pub keep_alive: Duration,
+    pub send: Duration,
+}
+
+/// Why a connection was closed by a limit (for the metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expired {
+    Header,
+    KeepAlive,
+    Send,
+}
+
+impl Expired {
+    /// The metrics label (`crate::metrics::LIMITS`).
+    pub fn label(self) -> &'static str {
+        match self {
+            Expired::Header => "header",
+            Expired::KeepAlive => "keep_alive",
+            Expired::Send => "send",
+        }
+    }
+}
+
+const IDLE_NEW: u8 = 0;
+const IDLE: u8 = 1;
+const HEAD: u8 = 2;
+const BUSY: u8 = 3;
+
+/// What the server and the stream both know about one connection.
+#[derive(Debug)]
+pub struct Shared {
+    epoch: Instant,
+    phase: AtomicU8,
+    /// Milliseconds since `epoch` when the phase began.
+    since_ms: AtomicU64,
+    /// Milliseconds since `epoch` of the last byte written.
+    wrote_ms: AtomicU64,
+    /// A write is waiting for the client to take bytes: the response is not delivered,
+    /// whatever the phase says (hyper lets go of a body before it is all sent).
+    write_blocked: AtomicBool,
+    /// Set by the registry to ask an idle connection to close.
+    pub evict: Notify,
+}
+
+impl Shared {
+    fn new(epoch: Instant) -> Self {
+        let now = ms_since(epoch);
+        Shared {
+            epoch,
+            phase: AtomicU8::new(IDLE_NEW),
+            since_ms: AtomicU64::new(now),
+            wrote_ms: AtomicU64::new(now),
+            write_blocked: AtomicBool::new(false),
+            evict: Notify::new(),
+        }
+    }
+
+    fn set(&self, phase: u8) {
+        self.since_ms.store(ms_since(self.epoch), Ordering::Relaxed);
+        self.phase.store(phase, Ordering::Release);
+    }
+
+    /// A request head was parsed: no read limit until its response is done.
+    pub fn request_started(&self) {
+        self.set(BUSY);
+    }
+
+    /// The response's body was handed to hyper in full: waiting for the next request.
+    pub fn response_done(&self) {
+        self.set(IDLE);
+    }
+
+    /// Waiting for a request, with nothing left to send.
+    pub fn is_idle(&self) -> bool {
+        self.idle_for().is_some()
+    }
+
+    /// Waiting for a request, and for how long (counting from the last byte written, so
+    /// a response still draining to a slow client is not cut by the keep-alive limit).
+    fn idle_for(&self) -> Option<Duration> {
+        if self.write_blocked.load(Ordering::Acquire) {
+            return None;
+        }
+        match self.phase.load(Ordering::Acquire) {
+            IDLE_NEW | IDLE => {
+                let since = self
+                    .since_ms
+                    .load(Ordering::Relaxed)
+                    .max(self.wrote_ms.load(Ordering::Relaxed));
+                Some(Duration::from_millis(
+                    ms_since(self.epoch).saturating_sub(since),
+                ))
+            }
+            _ => None,
+        }
+    }
+
+    /// When a read that has not completed must give up, and which limit that is.
+    fn read_deadline(&self, limits: &Limits) -> Option<(Instant, Expired)> {
+        if self.write_blocked.load(Ordering::Acquire) {
+            // The send limit governs until the response is delivered.
+            return None;
+        }
+        let since = |ms: u64| self.epoch + Duration::from_millis(ms);
+        match self.phase.load(Ordering::Acquire) {
+            IDLE_NEW => Some((
+                since(self.since_ms.load(Ordering::Relaxed)) + limits.header,
+                Expired::Header,
+            )),
+            IDLE => {
+                let from = self
+                    .since_ms
+                    .load(Ordering::Relaxed)
+                    .max(self.wrote_ms.load(Ordering::Relaxed));
+                Some((since(from) + limits.keep_alive, Expired::KeepAlive))
+            }
+            HEAD => Some((
+                since(self.since_ms.load(Ordering::Relaxed)) + limits.header,
+                Expired::Header,
+            )),
+            _ => None,
+        }
+    }
+}
+
+fn ms_since(epoch: Instant) -> u64 {
+    Instant::now().saturating_duration_since(epoch).as_millis() as u64
+}
+
+/// Every open connection, so idle ones can be closed when resources run out.
+#[derive(Debug)]
+pub struct Registry {
+    epoch: Instant,
+    next_id: AtomicU64,
+    open: Mutex<HashMap<u64, Arc<Shared>>>,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry {
+            epoch: Instant::now(),
+            next_id: AtomicU64::new(0),
+            open: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+/// Removes its connection from the registry when dropped.
+pub struct Registration {
+    registry: Arc<Registry>,
+    id: u64,
+    pub shared: Arc<Shared>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.registry.lock().remove(&self.id);
+    }
+}
+
+impl Registry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Shared>>> {
+        self.open.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn register(self: &Arc<Self>) -> Registration {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let shared = Arc::new(Shared::new(self.epoch));
+        self.lock().insert(id, shared.clone());
+        Registration {
+            registry: self.clone(),
+            id,
+            shared,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Asks up to `max` idle connections to close, the longest idle first, and returns
+    /// how many were asked. A connection with a request in progress is never chosen.
+    pub fn evict_idle(&self, max: usize) -> usize {
+        let mut idle: Vec<(Duration, Arc<Shared>)> = self
+            .lock()
+            .values()
+            .filter_map(|s| s.idle_for().map(|d| (d, s.clone())))
+            .collect();
+        let n = idle.len().min(max);
+        if n == 0 {
+            return 0;
+        }
+        if n < idle.len() {
+            idle.select_nth_unstable_by(n - 1, |a, b| b.0.cmp(&a.0));
+        }
+        for (_, shared) in &idle[..n] {
+            shared.evict.notify_one();
+        }
+        n
+    }
+}
+
+/// A stream with the connection's read and write limits applied.
+pub struct Guarded<S> {
+    inner: S,
+    shared: Arc<Shared>,
+    limits: Limits,
+    read_timer: Option<(Pin<Box<Sleep>>, Instant)>,
+    write_timer: Option<Pin<Box<Sleep>>>,
+    /// Which limit closed the connection, if one did.
+    expired: Arc<Mutex<Option<Expired>>>,
+}
+
+impl<S> Guarded<S> {
+    pub fn new(inner: S, shared: Arc<Shared>, limits: Limits) -> Self {
+        Guarded {
+            inner,
+            shared,
+            limits,
+            read_timer: None,
+            write_timer: None,
+            expired: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// Where the stream records the limit that closed it.
+    pub fn expired(&self) -> Arc<Mutex<Option<Expired>>> {
+        self.expired.clone()
+    }
+
+    fn expire(&self, why: Expired) -> io::Error {
+        *self.expired.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+        let what = match why {
+            Expired::Header => "no complete request head in time",
+            Expired::KeepAlive => "idle keep-alive connection",
+            Expired::Send => "the client stopped reading the response",
+        };
+        io::Error::new(io::ErrorKind::TimedOut, what)
+    }
+}
+
+/// Polls a timer armed for `deadline`, re-arming it when the deadline moved.
+fn timer_fired(
+    timer: &mut Option<(Pin<Box<Sleep>>, Instant)>,
+    deadline: Instant,
+    cx: &mut Context<'_>,
+) -> bool {
+    match timer {
+        Some((sleep, at)) => {
+            if *at != deadline {
+                sleep.as_mut().reset(deadline);
+                *at = deadline;
+            }
+        }
+        None => *timer = Some((Box::pin(tokio::time::sleep_until(deadline)), deadline)),
+    }
+    let (sleep, _) = timer.as_mut().expect("armed above");
+    sleep.as_mut().poll(cx).is_ready()
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        match Pin::new(&mut self.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                if buf.filled().len() > before
+                    && matches!(self.shared.phase.load(Ordering::Acquire), IDLE_NEW | IDLE)
+                {
+                    self.shared.set(HEAD);
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => {
+                let this = &mut *self;
+                match this.shared.read_deadline(&this.limits) {
+                    Some((deadline, why)) => {
+                        if timer_fired(&mut this.read_timer, deadline, cx) {
+                            return Poll::Ready(Err(this.expire(why)));
+                        }
+                    }
+                    None => this.read_timer = None,
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> Guarded<S> {
+    /// Runs one write attempt under the send limit: the clock starts when a write first
+    /// has to wait and stops at the next byte the client takes (nginx's `send_timeout`).
+    fn guard_write<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        attempt: impl FnOnce(Pin<&mut S>, &mut Context<'_>) -> Poll<io::Result<T>>,
+        progressed: impl Fn(&T) -> bool,
+    ) -> Poll<io::Result<T>> {
+        match attempt(Pin::new(&mut self.inner), cx) {
+            Poll::Ready(Ok(v)) => {
+                if progressed(&v) {
+                    self.write_timer = None;
+                    self.shared
+                        .wrote_ms
+                        .store(ms_since(self.shared.epoch), Ordering::Relaxed);
+                    self.shared.write_blocked.store(false, Ordering::Release);
+                }
+                Poll::Ready(Ok(v))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => {
+                self.shared.write_blocked.store(true, Ordering::Release);
+                let send = self.limits.send;
+                let timer = self
+                    .write_timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(send)));
+                ready!(timer.as_mut().poll(cx));
+                Poll::Ready(Err(self.expire(Expired::Send)))
+            }
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.guard_write(cx, |s, cx| s.poll_write(cx, buf), |n| *n > 0)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.guard_write(cx, |s, cx| s.poll_write_vectored(cx, bufs), |n| *n > 0)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.guard_write(cx, |s, cx| s.poll_flush(cx), |_| false)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.guard_write(cx, |s, cx| s.poll_shutdown(cx), |_| false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const LIMITS: Limits = Limits {
+        header: Duration::from_secs(10),
+        keep_alive: Duration::from_secs(75),
+        send: Duration::from_secs(60),
+    };
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_connection_gets_the_header_limit_for_its_first_byte() {
+        let registry = Arc::new(Registry::default());
+        let reg = registry.register();
+        let (client, server) = tokio::io::duplex(64);
+        let mut g = Guarded::new(server, reg.shared.clone(), LIMITS);
+        let started = Instant::now();
+        let err = g.read(&mut [0u8; 8]).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(started.elapsed(), LIMITS.header);
+        assert_eq!(*g.expired().lock().unwrap(), Some(Expired::Header));
+        drop(client);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn keep_alive_limit_counts_from_the_end_of_the_response() {
+        let registry = Arc::new(Registry::default());
+        let reg = registry.register();
+        let (mut client, server) = tokio::io::duplex(1024);
+        let mut g = Guarded::new(server, reg.shared.clone(), LIMITS);
+        client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        let mut buf = [0u8; 64];
+        assert!(g.read(&mut buf).await.unwrap() > 0);
+        reg.shared.request_started();
+        // A request in progress has no read limit: the service may take its time.
+        let busy = tokio::time::timeout(Duration::from_secs(300), g.read(&mut buf)).await;
+        assert!(busy.is_err(), "no read limit while busy");
+        reg.shared.response_done();
+        let started = Instant::now();
+        let err = g.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(started.elapsed(), LIMITS.keep_alive);
+        assert_eq!(*g.expired().lock().unwrap(), Some(Expired::KeepAlive));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_stops_reading_is_dropped_after_the_send_limit() {
+        let registry = Arc::new(Registry::default());
+        let reg = registry.register();
+        let (mut client, server) = tokio::io::duplex(16);
+        let mut g = Guarded::new(server, reg.shared.clone(), LIMITS);
+        // The client reads 16 bytes every 30 s: slow, but every write makes progress
+        // within the limit, so the response goes through.
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            let mut buf = [0u8; 16];
+            while got.len() < 64 {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                let n = client.read(&mut buf).await.unwrap();
+                got.extend_from_slice(&buf[..n]);
+            }
+            client
+        });
+        g.write_all(&[7u8; 64]).await.unwrap();
+        let _client = reader.await.unwrap();
+        // Now nobody reads: the write fails once the limit passes, not before.
+        let started = Instant::now();
+        let err = g.write_all(&[7u8; 64]).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(started.elapsed(), LIMITS.send);
+        assert_eq!(*g.expired().lock().unwrap(), Some(Expired::Send));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn eviction_picks_idle_connections_longest_idle_first() {
+        let registry = Arc::new(Registry::default());
+        let old = registry.register();
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let newer = registry.register();
+        let busy = registry.register();
+        busy.shared.request_started();
+        assert_eq!(registry.len(), 3);
+
+        assert_eq!(registry.evict_idle(1), 1);
+        // The longest-idle one was asked; the notification waits for it.
+        tokio::time::timeout(Duration::from_millis(1), old.shared.evict.notified())
+            .await
+            .expect("the oldest idle connection is evicted first");
+        assert!(
+            tokio::time::timeout(Duration::from_millis(1), newer.shared.evict.notified())
+                .await
+                .is_err()
+        );
+        // A busy connection is never chosen, however many are asked for.
+        assert_eq!(registry.evict_idle(10), 2);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(1), busy.shared.evict.notified())
+                .await
+                .is_err()
+        );
+        drop(old);
+        assert_eq!(registry.len(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_response_still_being_sent_is_not_idle() {
+        let registry = Arc::new(Registry::default());
+        let reg = registry.register();
+        let (_client, server) = tokio::io::duplex(16);
+        let mut g = Guarded::new(server, reg.shared.clone(), LIMITS);
+        // hyper lets go of the body before the client has it: the phase says idle...
+        reg.shared.request_started();
+        reg.shared.response_done();
+        // ...but the write is stuck behind a client that does not read.
+        let stuck = tokio::time::timeout(Duration::from_secs(1), g.write_all(&[1u8; 64])).await;
+        assert!(stuck.is_err());
+        assert_eq!(registry.evict_idle(10), 0);
+        // No keep-alive limit either while the send limit runs.
+        assert!(reg.shared.read_deadline(&LIMITS).is_none());
+    }
+}
