@@ -1,6 +1,8 @@
 //! The local fleet end to end: the real `amictl` and `ami-agent` binaries, real processes,
-//! the real load balancer, and a prober sending 200 requests a second through the fleet's
-//! URL while it is rolled, broken, killed, healed, interrupted and resumed.
+//! the real load balancer, and probers sending requests through the fleet's URL while it
+//! is rolled, broken, killed, healed, interrupted and resumed: one opens a new connection
+//! for each of 200 requests a second, the others keep their connections alive and send
+//! request after request on them, as browsers and wrk do.
 
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
@@ -191,6 +193,104 @@ impl Prober {
     }
 }
 
+/// Reads one answer on a kept-alive connection: the status line, the head, and a body of
+/// the Content-Length it announces.
+fn read_answer(s: &mut TcpStream) -> Result<String, String> {
+    let mut buf = Vec::new();
+    let end = loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break end + 4;
+        }
+        let mut chunk = [0u8; 4096];
+        match s.read(&mut chunk) {
+            Ok(0) => return Err("closed before an answer".into()),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) => return Err(e.to_string()),
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(head.lines().next().unwrap_or("").to_owned());
+    }
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            let l = l.to_ascii_lowercase();
+            l.strip_prefix("content-length:")
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .ok_or("no Content-Length")?;
+    while buf.len() < end + len {
+        let mut chunk = [0u8; 4096];
+        match s.read(&mut chunk) {
+            Ok(0) => return Err("closed in the middle of a body".into()),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    Ok(String::from_utf8_lossy(&buf[end..end + len])
+        .trim()
+        .to_owned())
+}
+
+/// `connections` clients, each sending `/version.txt` requests one after the other on one
+/// kept-alive connection (a new one only after a failure), recording every answer.
+struct KeepAliveProber {
+    stop: Arc<AtomicBool>,
+    handles: Vec<JoinHandle<Vec<Result<String, String>>>>,
+}
+
+impl KeepAliveProber {
+    fn start(addr: SocketAddr, connections: usize) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let handles = (0..connections)
+            .map(|_| {
+                let flag = stop.clone();
+                std::thread::spawn(move || {
+                    let mut seen = Vec::new();
+                    let mut conn: Option<TcpStream> = None;
+                    while !flag.load(Ordering::Relaxed) {
+                        let s = match conn.as_mut() {
+                            Some(s) => s,
+                            None => match TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+                            {
+                                Ok(s) => {
+                                    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                                    conn.insert(s)
+                                }
+                                Err(e) => {
+                                    seen.push(Err(e.to_string()));
+                                    continue;
+                                }
+                            },
+                        };
+                        let answer = s
+                            .write_all(b"GET /version.txt HTTP/1.1\r\nHost: fleet\r\n\r\n")
+                            .map_err(|e| e.to_string())
+                            .and_then(|()| read_answer(s));
+                        if answer.is_err() {
+                            conn = None;
+                        }
+                        seen.push(answer);
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                    seen
+                })
+            })
+            .collect();
+        KeepAliveProber { stop, handles }
+    }
+
+    /// Every answer of every client.
+    fn finish(self) -> Vec<Result<String, String>> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    }
+}
+
 /// Whether `pid` runs (a zombie waiting for its parent to reap it does not).
 fn running(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
@@ -217,6 +317,7 @@ fn rollouts_lose_no_request_and_a_broken_release_rolls_back() {
 
     // v1 -> v2 under load.
     let prober = Prober::start(addr);
+    let kept = KeepAliveProber::start(addr, 4);
     std::thread::sleep(Duration::from_millis(300));
     let out = fleet.rollout(&fleet.site("v2"), &[]);
     assert_eq!(out.status.code(), Some(0));
@@ -224,11 +325,24 @@ fn rollouts_lose_no_request_and_a_broken_release_rolls_back() {
     let done = Instant::now();
     std::thread::sleep(Duration::from_millis(500));
     let seen = prober.finish();
+    let kept = kept.finish();
     assert!(
         failures(&seen).is_empty(),
         "failed requests: {:?}",
         failures(&seen)
     );
+    assert!(
+        failures(&kept).is_empty(),
+        "failed keep-alive requests: {:?}",
+        failures(&kept)
+    );
+    assert!(
+        kept.len() > 500,
+        "the keep-alive prober ran: {} requests",
+        kept.len()
+    );
+    let kept_versions: BTreeSet<&str> = kept.iter().map(|r| r.as_deref().unwrap()).collect();
+    assert_eq!(kept_versions, BTreeSet::from(["v1", "v2"]));
     assert!(seen.len() > 500, "the prober ran: {} requests", seen.len());
     let bodies: Vec<&str> = seen.iter().map(|r| r.as_deref().unwrap()).collect();
     let distinct: BTreeSet<&str> = bodies.iter().copied().collect();
@@ -271,9 +385,16 @@ fn rollouts_lose_no_request_and_a_broken_release_rolls_back() {
     )
     .unwrap();
     let prober = Prober::start(addr);
+    let kept = KeepAliveProber::start(addr, 4);
     let out = fleet.rollout(&v3, &["--manifest", manifest.to_str().unwrap()]);
     std::thread::sleep(Duration::from_millis(300));
     let seen = prober.finish();
+    let kept = kept.finish();
+    assert!(
+        kept.iter().all(|r| r.as_deref() == Ok("v2")),
+        "keep-alive requests during the rollback: {:?}",
+        failures(&kept)
+    );
     assert_eq!(out.status.code(), Some(3), "a failed release rolls back");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("does not match its manifest"), "{stderr}");

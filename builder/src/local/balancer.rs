@@ -1,5 +1,16 @@
-//! The local fleet's load balancer: a small L4 (TCP) proxy at one stable address in front
-//! of the fleet's `ami-agent serve` processes, playing the part of an ALB target group.
+//! The local fleet's load balancer: a small HTTP/1.1 proxy at one stable address in front
+//! of the fleet's `ami-agent serve` processes, playing the part of an ALB and its target
+//! group.
+//!
+//! It speaks HTTP, as an ALB does, because a TCP proxy cannot drain keep-alive clients: a
+//! client connection pinned to an old instance keeps sending requests there until that
+//! instance closes it under the client. Here client connections end at the balancer and
+//! every request picks a target: a draining target gets no new requests, while the ones it
+//! is answering finish (until the deregistration delay). Connections to targets are pooled
+//! and closed when idle well before the agent's keep-alive limit, so the balancer is the
+//! side that closes first; and a request that a target closed on without answering (it was
+//! stopping as the request went out) is retried on another target when its method is
+//! idempotent, the one case where an ALB-like balancer may do so safely.
 //!
 //! amictl and the balancer only talk through files in the balancer's directory, so either
 //! can restart without the other:
@@ -19,6 +30,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustix::fs::{flock, FlockOperation};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -48,6 +67,15 @@ const LOCK_ATTEMPTS: u32 = 5;
 const LOCK_RETRY: Duration = Duration::from_millis(20);
 /// A health check reads only the status line; anything longer is not HTTP.
 const MAX_STATUS_LINE: usize = 1024;
+/// Request bodies are buffered up to this size, so that a request can be retried on
+/// another target; larger ones get 413. The agent serves GET and HEAD only.
+const MAX_REQUEST_BODY: usize = 1 << 20;
+/// A client connection may wait this long for its next request: an ALB's default idle
+/// timeout.
+const CLIENT_IDLE: Duration = Duration::from_secs(60);
+/// Pooled connections to a target are closed after this long unused: well under the
+/// agent's keep-alive limit (75 s), so the balancer, not the target, closes an idle one.
+const UPSTREAM_IDLE: Duration = Duration::from_secs(30);
 
 /// One instance behind the balancer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -92,7 +120,7 @@ impl std::fmt::Display for BackendState {
 pub struct TargetStatus {
     pub addr: SocketAddr,
     pub state: BackendState,
-    /// Open proxied connections.
+    /// Requests in progress (sent, or being answered).
     pub active: u64,
 }
 
@@ -107,8 +135,14 @@ pub struct Status {
     pub updated_unix_ms: u64,
     /// Client connections accepted.
     pub connections_total: u64,
-    /// Client connections closed because no target accepted them.
+    /// Requests received from clients.
+    #[serde(default)]
+    pub requests_total: u64,
+    /// Requests answered by the balancer itself (502, 503) because no target answered.
     pub failed_total: u64,
+    /// Requests sent again to another target after one closed on them unanswered.
+    #[serde(default)]
+    pub retried_total: u64,
     /// By target id: registered targets and draining ones.
     pub targets: BTreeMap<String, TargetStatus>,
 }
@@ -125,7 +159,7 @@ pub struct BalancerSettings {
     pub unhealthy_threshold: u32,
     /// For connecting to a target; on failure the next one is tried.
     pub connect_timeout: Duration,
-    /// How long a removed target's connections may go on before they are closed.
+    /// How long a removed target's requests may go on before they are cut.
     pub deregistration_delay: Duration,
     /// How often targets.json is checked and status.json refreshed.
     pub poll: Duration,
@@ -301,12 +335,14 @@ struct Backend {
     addr: SocketAddr,
     health: Arc<Mutex<Health>>,
     active: AtomicU64,
-    /// Set once the target left targets.json: it gets no new connections.
+    /// Set once the target left targets.json: it gets no new requests.
     removed: AtomicBool,
     /// Stops the target's health checks.
     stop_checks: CancellationToken,
-    /// Closes the target's connections: its deregistration delay ran out.
+    /// Cuts the target's requests: its deregistration delay ran out.
     close: CancellationToken,
+    /// Pooled keep-alive connections to this target; closed when the target is dropped.
+    client: Client<HttpConnector, Full<Bytes>>,
 }
 
 struct Draining {
@@ -327,7 +363,9 @@ struct Shared {
     registry: Mutex<Registry>,
     turn: AtomicUsize,
     connections_total: AtomicU64,
+    requests_total: AtomicU64,
     failed_total: AtomicU64,
+    retried_total: AtomicU64,
     /// Cancelled when `serve` ends (or is dropped): stops every health check.
     halt: CancellationToken,
 }
@@ -383,6 +421,7 @@ impl Shared {
             removed: AtomicBool::new(false),
             stop_checks: self.halt.child_token(),
             close: CancellationToken::new(),
+            client: upstream_client(self.settings.connect_timeout),
         });
         // The check task holds no Arc<Backend>: an Arc held elsewhere means a connection.
         tokio::spawn(check_loop(
@@ -462,7 +501,9 @@ impl Shared {
             generation: reg.generation,
             updated_unix_ms: 0,
             connections_total: self.connections_total.load(Ordering::SeqCst),
+            requests_total: self.requests_total.load(Ordering::SeqCst),
             failed_total: self.failed_total.load(Ordering::SeqCst),
+            retried_total: self.retried_total.load(Ordering::SeqCst),
             targets,
         }
     }
@@ -606,7 +647,9 @@ pub async fn serve(
         }),
         turn: AtomicUsize::new(0),
         connections_total: AtomicU64::new(0),
+        requests_total: AtomicU64::new(0),
         failed_total: AtomicU64::new(0),
+        retried_total: AtomicU64::new(0),
         halt: halt.clone(),
     });
     let mut watcher = Watcher {
@@ -651,7 +694,8 @@ pub async fn serve(
         }
     }
 
-    // The listener is closed: new clients are refused while open connections finish.
+    // The listener is closed: new clients are refused, idle connections are closed, and
+    // requests in progress finish.
     connections.close();
     info!(
         active = shared.active_total(),
@@ -700,66 +744,270 @@ async fn accept_loop(
         };
         let shared = Arc::clone(&shared);
         let kill = kill.clone();
+        let shutdown = shutdown.clone();
         connections.spawn(async move {
             tokio::select! {
                 () = kill.cancelled() => {}
-                () = handle(&shared, client, peer) => {}
+                () = serve_client(shared, client, peer, shutdown) => {}
             }
         });
     }
 }
 
-/// Connects the client to the first candidate that accepts, then proxies until either
-/// side is done (or the target's deregistration delay runs out).
-async fn handle(shared: &Shared, mut client: TcpStream, peer: SocketAddr) {
+/// Serves one client connection: HTTP/1.1 with keep-alive, each request proxied on its own.
+async fn serve_client(
+    shared: Arc<Shared>,
+    client: TcpStream,
+    peer: SocketAddr,
+    shutdown: CancellationToken,
+) {
     shared.connections_total.fetch_add(1, Ordering::SeqCst);
-    let timeout = shared.settings.connect_timeout;
-    let mut candidates = shared.candidates().into_iter();
-    let chosen = loop {
-        let Some(backend) = candidates.next() else {
-            break None;
-        };
-        if backend.removed.load(Ordering::SeqCst) {
-            continue;
-        }
-        match tokio::time::timeout(timeout, TcpStream::connect(backend.addr)).await {
-            Ok(Ok(upstream)) => break Some((backend, upstream)),
-            Ok(Err(e)) => {
-                debug!(id = %backend.id, addr = %backend.addr, error = %e, "connect failed: trying the next target");
-            }
-            Err(_) => {
-                debug!(id = %backend.id, addr = %backend.addr, "connect timed out: trying the next target");
-            }
-        }
-    };
-    // The other candidates' Arcs would keep them "in use" for the whole connection.
-    drop(candidates);
-    let Some((backend, mut upstream)) = chosen else {
-        shared.failed_total.fetch_add(1, Ordering::SeqCst);
-        warn!(%peer, "no target accepted the connection: closing it");
-        return;
-    };
-    // Latency over batching: the bytes are the client's, already framed by it.
     let _ = client.set_nodelay(true);
-    let _ = upstream.set_nodelay(true);
-    backend.active.fetch_add(1, Ordering::SeqCst);
-    let _active = ActiveGuard(&backend.active);
-    tokio::select! {
-        copied = tokio::io::copy_bidirectional(&mut client, &mut upstream) => match copied {
-            Ok((up, down)) => debug!(%peer, id = %backend.id, up, down, "connection done"),
-            Err(e) => debug!(%peer, id = %backend.id, error = %e, "connection ended"),
-        },
-        () = backend.close.cancelled() => {
-            debug!(%peer, id = %backend.id, "closed: deregistration delay over");
+    let service = hyper::service::service_fn(move |req| proxy(Arc::clone(&shared), req, peer));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(CLIENT_IDLE)
+        .keep_alive(true);
+    let conn = http.serve_connection(TokioIo::new(client), service);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        result = conn.as_mut() => result,
+        () = shutdown.cancelled() => {
+            // Closes an idle connection now, a busy one after its response.
+            conn.as_mut().graceful_shutdown();
+            conn.await
         }
+    };
+    if let Err(e) = result {
+        debug!(%peer, error = %e, "client connection ended");
     }
 }
 
-struct ActiveGuard<'a>(&'a AtomicU64);
+/// Sends one request to a target: the first candidate that answers. A request no target
+/// answered gets 502 (503 when there is no target at all), as from an ALB.
+async fn proxy(
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Result<Response<ProxyBody>, std::convert::Infallible> {
+    shared.requests_total.fetch_add(1, Ordering::SeqCst);
+    let (mut parts, body) = req.into_parts();
+    let body = match Limited::new(body, MAX_REQUEST_BODY).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) => {
+            debug!(%peer, error = %e, "request body refused");
+            return Ok(answer(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request body too large\n",
+            ));
+        }
+    };
+    forwarded_headers(&mut parts.headers, peer, shared.listen);
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |pq| pq.as_str())
+        .to_owned();
+    let retryable = parts.method.is_idempotent();
+    let candidates = shared
+        .candidates()
+        .into_iter()
+        .filter(|b| !b.removed.load(Ordering::SeqCst));
+    let mut tried = 0;
+    // The loop owns the candidates: their Arcs go with it, so a target left behind does
+    // not look in use while the answer streams.
+    for backend in candidates {
+        let mut upstream = Request::from_parts(parts.clone(), Full::new(body.clone()));
+        *upstream.uri_mut() = match format!("http://{}{path}", backend.addr).parse() {
+            Ok(uri) => uri,
+            Err(_) => return Ok(answer(StatusCode::BAD_REQUEST, "bad request target\n")),
+        };
+        if tried > 0 {
+            shared.retried_total.fetch_add(1, Ordering::SeqCst);
+        }
+        tried += 1;
+        let active = Active::new(Arc::clone(&backend));
+        let sent = tokio::select! {
+            sent = backend.client.request(upstream) => sent,
+            () = backend.close.cancelled() => {
+                debug!(%peer, id = %backend.id, "cut: deregistration delay over");
+                break;
+            }
+        };
+        match sent {
+            Ok(response) => {
+                let (mut head, body) = response.into_parts();
+                strip_hop_by_hop(&mut head.headers);
+                let body = ProxyBody::Upstream {
+                    body,
+                    close: Box::pin(backend.close.clone().cancelled_owned()),
+                    _active: active,
+                };
+                return Ok(Response::from_parts(head, body));
+            }
+            // Nothing came back: the target refused, or closed the connection as the
+            // request went out (it was stopping). Another target may answer, if sending
+            // the request twice is harmless.
+            Err(e) if retryable => {
+                debug!(%peer, id = %backend.id, addr = %backend.addr, error = %e, "no answer: trying the next target");
+            }
+            Err(e) => {
+                debug!(%peer, id = %backend.id, error = %e, "no answer, and the method is not idempotent");
+                break;
+            }
+        }
+    }
+    shared.failed_total.fetch_add(1, Ordering::SeqCst);
+    if tried == 0 {
+        warn!(%peer, "no target for the request: answering 503");
+        Ok(answer(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no target available\n",
+        ))
+    } else {
+        warn!(%peer, tried, "no target answered the request: answering 502");
+        Ok(answer(StatusCode::BAD_GATEWAY, "no target answered\n"))
+    }
+}
 
-impl Drop for ActiveGuard<'_> {
+/// Pooled HTTP/1.1 connections to one target.
+fn upstream_client(connect_timeout: Duration) -> Client<HttpConnector, Full<Bytes>> {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(connect_timeout));
+    connector.set_nodelay(true);
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(UPSTREAM_IDLE)
+        .pool_timer(TokioTimer::new())
+        .build(connector)
+}
+
+/// The balancer's own answer.
+fn answer(status: StatusCode, text: &'static str) -> Response<ProxyBody> {
+    let mut response = Response::new(ProxyBody::Own(Full::new(Bytes::from_static(
+        text.as_bytes(),
+    ))));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1).
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [
+        header::CONNECTION,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ] {
+        headers.remove(name);
+    }
+}
+
+/// What an ALB adds: the client's address, the scheme and the port it came in on.
+fn forwarded_headers(headers: &mut HeaderMap, peer: SocketAddr, listen: SocketAddr) {
+    strip_hop_by_hop(headers);
+    let xff = HeaderName::from_static("x-forwarded-for");
+    let chain = match headers.get(&xff).and_then(|v| v.to_str().ok()) {
+        Some(earlier) => format!("{earlier}, {}", peer.ip()),
+        None => peer.ip().to_string(),
+    };
+    if let Ok(value) = HeaderValue::try_from(chain) {
+        headers.insert(xff, value);
+    }
+    headers.insert(
+        HeaderName::from_static("x-forwarded-proto"),
+        HeaderValue::from_static("http"),
+    );
+    headers.insert(
+        HeaderName::from_static("x-forwarded-port"),
+        HeaderValue::from(listen.port()),
+    );
+}
+
+/// Counts a request as in progress on its target until dropped (with the response body).
+struct Active(Arc<Backend>);
+
+impl Active {
+    fn new(backend: Arc<Backend>) -> Self {
+        backend.active.fetch_add(1, Ordering::SeqCst);
+        Active(backend)
+    }
+}
+
+impl Drop for Active {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+        self.0.active.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A response body: the balancer's own, or a target's, streamed as it comes and cut when
+/// the target's deregistration delay runs out.
+enum ProxyBody {
+    Own(Full<Bytes>),
+    Upstream {
+        body: Incoming,
+        close: std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+        _active: Active,
+    },
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        use std::future::Future;
+        use std::task::Poll;
+        match self.get_mut() {
+            ProxyBody::Own(full) => std::pin::Pin::new(full)
+                .poll_frame(cx)
+                .map_err(|never| match never {}),
+            ProxyBody::Upstream { body, close, .. } => {
+                if close.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Some(Err(
+                        "the target's deregistration delay ran out".into()
+                    )));
+                }
+                std::pin::Pin::new(body).poll_frame(cx).map_err(Into::into)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Own(full) => full.is_end_stream(),
+            ProxyBody::Upstream { body, .. } => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ProxyBody::Own(full) => full.size_hint(),
+            ProxyBody::Upstream { body, .. } => body.size_hint(),
+        }
     }
 }
 
@@ -938,7 +1186,9 @@ mod tests {
             generation: 3,
             updated_unix_ms: 1,
             connections_total: 2,
+            requests_total: 5,
             failed_total: 0,
+            retried_total: 1,
             targets: BTreeMap::from([(
                 "i-1".to_owned(),
                 TargetStatus {
@@ -954,6 +1204,11 @@ mod tests {
             serde_json::json!({"addr": "127.0.0.1:8001", "state": "draining", "active": 1})
         );
         assert_eq!(serde_json::from_value::<Status>(json).unwrap(), status);
+        // A status.json from a balancer of before the request counters still reads.
+        let older = r#"{"pid":1,"listen":"127.0.0.1:1","generation":1,"updated_unix_ms":1,
+            "connections_total":3,"failed_total":0,"targets":{}}"#;
+        let older: Status = serde_json::from_str(older).unwrap();
+        assert_eq!((older.connections_total, older.requests_total), (3, 0));
     }
 
     #[test]

@@ -166,7 +166,9 @@ mod tests {
             generation,
             updated_unix_ms: 0,
             connections_total: 0,
+            requests_total: 0,
             failed_total: 0,
+            retried_total: 0,
             targets: targets
                 .iter()
                 .map(|(id, st)| {

@@ -42,7 +42,8 @@ fn init_tracing() {
 }
 
 /// An HTTP backend: `/healthz` answers 200 (500 once switched), `/` its name, `/slow` its
-/// name after [`SLOW`] (reporting the request on `slow`), `/hang` nothing for a minute.
+/// name after [`SLOW`] (reporting the request on `slow`), `/hang` nothing for a minute,
+/// `/flaky` its name, except on "a", which closes the connection unanswered.
 struct Backend {
     name: &'static str,
     addr: SocketAddr,
@@ -122,6 +123,9 @@ async fn answer(
             tokio::time::sleep(SLOW).await;
             (200, name.to_owned())
         }
+        // Target "a" closes on it without answering, as an agent that is stopping may.
+        "/flaky" if name == "a" => return,
+        "/flaky" => (200, name.to_owned()),
         "/hang" => {
             tokio::time::sleep(Duration::from_secs(60)).await;
             return;
@@ -136,9 +140,9 @@ async fn answer(
     let _ = stream.shutdown().await;
 }
 
-/// The body of a 200 answer to `GET path` through `addr`, or None when the connection was
-/// closed without one.
-async fn get(addr: SocketAddr, path: &str) -> Option<String> {
+/// The status and body of the answer to `GET path` through `addr`, or None when the
+/// connection was closed without one.
+async fn request(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     let mut stream = TcpStream::connect(addr).await.ok()?;
     let request = format!("GET {path} HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await.ok()?;
@@ -149,8 +153,16 @@ async fn get(addr: SocketAddr, path: &str) -> Option<String> {
         .ok()?;
     let response = String::from_utf8(response).ok()?;
     let (head, body) = response.split_once("\r\n\r\n")?;
-    assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
-    Some(body.to_owned())
+    let status = head.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()?;
+    Some((status, body.to_owned()))
+}
+
+/// The body of a 200 answer to `GET path` through `addr`, or None when the connection was
+/// closed without one.
+async fn get(addr: SocketAddr, path: &str) -> Option<String> {
+    let (status, body) = request(addr, path).await?;
+    assert_eq!(status, 200, "{body}");
+    Some(body)
 }
 
 /// `n` requests to `/` one after the other: the backends' names.
@@ -296,26 +308,23 @@ async fn a_refused_connection_moves_on_to_the_next_target() {
     assert_eq!(status.failed_total, 0);
     assert_eq!(status.targets["a"].state, Healthy);
 
-    // With nothing that accepts, the client is closed on and counted.
+    // With nothing that accepts, the balancer answers 502 itself, and counts it.
     let dead = Backend::start("dead", None).await;
     lb.set_targets(2, &[&dead]);
     dead.kill().await;
     lb.wait("generation 2", |s| s.generation == 2).await;
-    assert_eq!(get(lb.addr, "/").await, None);
-    lb.wait("a failed connection", |s| s.failed_total == 1)
-        .await;
+    assert_eq!(request(lb.addr, "/").await.map(|r| r.0), Some(502));
+    lb.wait("a failed request", |s| s.failed_total == 1).await;
+    // With no target at all, 503.
+    lb.set_targets(3, &[]);
+    lb.wait("generation 3", |s| s.generation == 3).await;
+    assert_eq!(request(lb.addr, "/").await.map(|r| r.0), Some(503));
     lb.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unhealthy_targets_get_no_traffic_unless_all_are() {
-    let lb = Balancer::start(settings()).await;
-    let (a, b) = (
-        Backend::start("a", None).await,
-        Backend::start("b", None).await,
-    );
-    lb.set_targets(1, &[&a, &b]);
-    lb.wait_states(1, &[("a", Healthy), ("b", Healthy)]).await;
+    let (lb, a, b) = two_healthy_targets().await;
 
     b.set_healthy(false);
     lb.wait_states(1, &[("a", Healthy), ("b", Unhealthy)]).await;
@@ -381,12 +390,13 @@ async fn the_deregistration_delay_closes_what_is_left() {
     lb.wait_states(1, &[("a", Healthy)]).await;
 
     let addr = lb.addr;
-    let hanging = tokio::spawn(async move { get(addr, "/hang").await });
+    let hanging = tokio::spawn(async move { request(addr, "/hang").await });
     lb.wait("a connection to a", |s| s.targets["a"].active == 1)
         .await;
     let removed = Instant::now();
     lb.set_targets(2, &[]);
-    assert_eq!(hanging.await.unwrap(), None, "closed without an answer");
+    let cut = hanging.await.unwrap();
+    assert_eq!(cut.map(|r| r.0), Some(502), "cut with a 502");
     assert!(removed.elapsed() < Duration::from_secs(2));
     lb.wait_states(2, &[]).await;
     lb.stop().await;
@@ -490,4 +500,115 @@ async fn shutdown_lets_open_connections_finish() {
     assert_eq!(in_flight.await.unwrap().as_deref(), Some("a"));
     lb.task.await.unwrap().unwrap();
     assert!(stopping.elapsed() < Duration::from_secs(2));
+}
+
+/// A balancer over targets "a" and "b", both healthy (generation 1).
+async fn two_healthy_targets() -> (Balancer, Backend, Backend) {
+    let lb = Balancer::start(settings()).await;
+    let (a, b) = (
+        Backend::start("a", None).await,
+        Backend::start("b", None).await,
+    );
+    lb.set_targets(1, &[&a, &b]);
+    lb.wait_states(1, &[("a", Healthy), ("b", Healthy)]).await;
+    (lb, a, b)
+}
+
+/// One kept-alive client connection, reading each answer by its Content-Length.
+struct KeepAlive(TcpStream);
+
+impl KeepAlive {
+    async fn open(addr: SocketAddr) -> Self {
+        KeepAlive(TcpStream::connect(addr).await.unwrap())
+    }
+
+    async fn send(&mut self, method: &str, path: &str) -> (u16, String) {
+        let request = format!("{method} {path} HTTP/1.1\r\nHost: lb\r\nContent-Length: 0\r\n\r\n");
+        self.0.write_all(request.as_bytes()).await.unwrap();
+        let mut buf = Vec::new();
+        let end = loop {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break end + 4;
+            }
+            let mut chunk = [0u8; 4096];
+            let n = tokio::time::timeout(DEADLINE, self.0.read(&mut chunk))
+                .await
+                .expect("an answer in time")
+                .unwrap();
+            assert!(n > 0, "the balancer closed a kept-alive connection");
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+        let status = head[9..12].parse().unwrap();
+        let len: usize = head
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length:")
+                    .map(|v| v.trim().parse().unwrap())
+            })
+            .expect("a Content-Length");
+        while buf.len() < end + len {
+            let mut chunk = [0u8; 4096];
+            let n = self.0.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "the body was cut");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        (
+            status,
+            String::from_utf8_lossy(&buf[end..end + len]).into_owned(),
+        )
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_alive_client_moves_off_a_removed_target_at_its_next_request() {
+    let (lb, _a, b) = two_healthy_targets().await;
+
+    // One connection, requests spread over both targets: it is not pinned to one.
+    let mut client = KeepAlive::open(lb.addr).await;
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        let (status, name) = client.send("GET", "/").await;
+        assert_eq!(status, 200);
+        seen.push(name);
+    }
+    seen.sort();
+    assert_eq!(seen, ["a", "a", "b", "b"]);
+
+    // Once "a" is removed, the same connection's next requests all go to "b".
+    lb.set_targets(2, &[&b]);
+    lb.wait("generation 2", |s| s.generation == 2).await;
+    for _ in 0..4 {
+        assert_eq!(client.send("GET", "/").await, (200, "b".to_owned()));
+    }
+    let status = lb
+        .wait("8 requests counted", |s| s.requests_total == 8)
+        .await;
+    assert_eq!(status.connections_total, 1);
+    assert_eq!(status.failed_total, 0);
+    lb.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_closed_on_unanswered_is_retried_only_when_idempotent() {
+    let (lb, _a, _b) = two_healthy_targets().await;
+
+    // Whichever target comes first, every GET is answered, by "b".
+    let mut client = KeepAlive::open(lb.addr).await;
+    for _ in 0..4 {
+        assert_eq!(client.send("GET", "/flaky").await, (200, "b".to_owned()));
+    }
+    let status = lb.wait("retries counted", |s| s.retried_total >= 2).await;
+    assert_eq!(status.failed_total, 0);
+
+    // A POST may have had an effect before the connection closed: never sent twice.
+    let mut posted = Vec::new();
+    for _ in 0..2 {
+        posted.push(client.send("POST", "/flaky").await.0);
+    }
+    posted.sort_unstable();
+    assert_eq!(posted, [200, 502], "one POST went to a and got 502");
+    lb.wait("the 502 counted", |s| s.failed_total == 1).await;
+    lb.stop().await;
 }
