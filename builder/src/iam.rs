@@ -103,6 +103,9 @@ pub const STACK_RESOURCE_TYPES: &[&str] = &[
     "AWS::EC2::Route",
     "AWS::EC2::RouteTable",
     "AWS::EC2::SecurityGroup",
+    // The HTTPS ingress, added with a certificate: ec2:AuthorizeSecurityGroupIngress and
+    // RevokeSecurityGroupIngress, as for the groups' own rules.
+    "AWS::EC2::SecurityGroupIngress",
     "AWS::EC2::Subnet",
     "AWS::EC2::SubnetRouteTableAssociation",
     "AWS::EC2::VPC",
@@ -139,6 +142,9 @@ const SNAPSHOTS: &str = "arn:{partition}:ec2:{region}::snapshot/*";
 /// prefixed `amictl-pr-N-`.
 const IMPORT_BUCKET: &str = "arn:{partition}:s3:::{prefix}*import-{account}-{region}";
 const IMPORT_OBJECTS: &str = "arn:{partition}:s3:::{prefix}*import-{account}-{region}/*";
+/// The stack's access log bucket (`${Prefix}logs-${AWS::AccountId}-${AWS::Region}`): the
+/// load balancer's log delivery writes to it, not the caller.
+const LOG_BUCKET: &str = "arn:{partition}:s3:::{prefix}*logs-{account}-{region}";
 const PREFIX_ROLES: &str = "arn:{partition}:iam::{account}:role/{prefix}*";
 const PREFIX_ALARMS: &str = "arn:{partition}:cloudwatch:{region}:{account}:alarm:{prefix}*";
 const PREFIX_TARGET_GROUPS: &str =
@@ -581,9 +587,9 @@ pub const GRANTS: &[Grant] = &[
         conditions: &[],
     },
     Grant {
-        sid: "StackImportBucket",
-        // The bucket with its encryption, public access block, ownership controls,
-        // lifecycle rules, tags and policy, as the template sets them.
+        sid: "StackBuckets",
+        // The import and access log buckets with their encryption, public access block,
+        // ownership controls, lifecycle rules, tags and policy, as the template sets them.
         actions: &[
             (STACK, "s3:CreateBucket"),
             (STACK, "s3:DeleteBucket"),
@@ -602,7 +608,7 @@ pub const GRANTS: &[Grant] = &[
             (STACK, "s3:PutEncryptionConfiguration"),
             (STACK, "s3:PutLifecycleConfiguration"),
         ],
-        resources: &[IMPORT_BUCKET],
+        resources: &[IMPORT_BUCKET, LOG_BUCKET],
         conditions: &[],
     },
 ];
@@ -1106,10 +1112,12 @@ mod tests {
             ])
         );
         assert_eq!(
-            find(&p, "StackImportBucket")["Resource"],
+            find(&p, "StackBuckets")["Resource"],
             serde_json::json!([
                 "arn:aws-cn:s3:::web-*import-123456789012-cn-north-1",
                 "arn:aws-cn:s3:::web-*import-123456789012-cn-northwest-1",
+                "arn:aws-cn:s3:::web-*logs-123456789012-cn-north-1",
+                "arn:aws-cn:s3:::web-*logs-123456789012-cn-northwest-1",
             ])
         );
         let pass = find(&p, "PassFleetInstanceRole");
@@ -1227,6 +1235,7 @@ mod tests {
             }
         }
         assert!(template.contains("${Prefix}import-${AWS::AccountId}-${AWS::Region}"));
+        assert!(template.contains("${Prefix}logs-${AWS::AccountId}-${AWS::Region}"));
         assert!(template.contains("Name: !Sub \"${Prefix}tg\""));
         assert!(template.contains("Name: !Sub \"${Prefix}alb\""));
         // The instance role gets only the managed policy StackInstanceRolePolicy allows.

@@ -93,7 +93,20 @@ pub struct DeployArgs {
     #[arg(long)]
     pub prefix: Option<String>,
     #[command(flatten)]
+    pub https: Https,
+    #[command(flatten)]
     pub waiting: Waiting,
+}
+
+/// HTTPS on the load balancer.
+#[derive(Debug, clap::Args)]
+pub struct Https {
+    /// An ACM certificate in the stack's region: the load balancer then serves HTTPS on 443
+    /// (TLS 1.3, and 1.2 with forward-secret ciphers) and port 80 only redirects there.
+    /// An empty value turns HTTPS off again [default: what the stack has; HTTP only for a
+    /// new stack].
+    #[arg(long, value_name = "ARN")]
+    pub certificate_arn: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -143,11 +156,18 @@ async fn deploy(args: DeployArgs) -> Result<i32, StackError> {
     if let Some(p) = &args.prefix {
         crate::stack::names::check_prefix(p)?;
     }
+    if let Some(arn) = &args.https.certificate_arn {
+        crate::stack::names::check_certificate_arn(arn, args.common.region.as_deref())?;
+    }
     let config = crate::aws::load(args.common.region.as_deref()).await?;
+    if let (Some(arn), Some(region)) = (&args.https.certificate_arn, config.region()) {
+        crate::stack::names::check_certificate_arn(arn, Some(region.as_ref()))?;
+    }
     let stacks = CloudFormation::new(&config);
     let request = DeployRequest {
         name,
         prefix: args.prefix.as_deref(),
+        certificate_arn: args.https.certificate_arn.as_deref(),
         template: crate::stack::TEMPLATE,
     };
     let deployed = crate::stack::deploy::deploy(

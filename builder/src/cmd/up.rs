@@ -16,7 +16,7 @@ use crate::cmd::rollout;
 use crate::cmd::stack::Waiting;
 use crate::image::info::ImageSource;
 use crate::stack::deploy::{deploy, Change, DeployRequest};
-use crate::stack::names::{check_prefix, check_stack_name};
+use crate::stack::names::{check_certificate_arn, check_prefix, check_stack_name};
 use crate::stack::CloudFormation;
 
 #[derive(Debug, clap::Args)]
@@ -46,6 +46,8 @@ pub struct Args {
     /// How the image is published (`--prefix` and `--region` apply to every step).
     #[command(flatten)]
     pub publish: Flags,
+    #[command(flatten)]
+    pub https: crate::cmd::stack::Https,
     #[command(flatten)]
     pub waiting: Waiting,
 }
@@ -119,7 +121,12 @@ impl RolloutPlan {
 
 pub async fn run(args: Args) -> anyhow::Result<i32> {
     // Everything that can be refused is refused before anything is created.
-    let checks = check_stack_name(&args.name).and_then(|()| check_prefix(&args.publish.prefix));
+    let checks = check_stack_name(&args.name)
+        .and_then(|()| check_prefix(&args.publish.prefix))
+        .and_then(|()| match &args.https.certificate_arn {
+            Some(arn) => check_certificate_arn(arn, args.publish.region.as_deref()),
+            None => Ok(()),
+        });
     if let Err(e) = checks {
         eprintln!("error: {e}");
         return Ok(2);
@@ -149,10 +156,17 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
 
     eprintln!("== stack {}", args.name);
     let config = crate::aws::load(args.publish.region.as_deref()).await?;
+    if let (Some(arn), Some(region)) = (&args.https.certificate_arn, config.region()) {
+        if let Err(e) = check_certificate_arn(arn, Some(region.as_ref())) {
+            eprintln!("error: {e}");
+            return Ok(2);
+        }
+    }
     let stacks = CloudFormation::new(&config);
     let request = DeployRequest {
         name: &args.name,
         prefix: Some(&args.publish.prefix),
+        certificate_arn: args.https.certificate_arn.as_deref(),
         template: crate::stack::TEMPLATE,
     };
     match deploy(

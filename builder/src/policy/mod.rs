@@ -41,6 +41,7 @@ pub const RULES: &[RuleFile] = &[
     rule_file!("s3_bucket.guard"),
     rule_file!("iam_wildcards.guard"),
     rule_file!("ebs_encryption.guard"),
+    rule_file!("alb.guard"),
 ];
 
 /// Why a template could not be checked.

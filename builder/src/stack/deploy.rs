@@ -7,7 +7,7 @@ use std::io::Write;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use super::names::{check_prefix, check_stack_name};
+use super::names::{check_certificate_arn, check_prefix, check_stack_name};
 use super::plan::{
     change_set_kind, change_set_name, change_set_phase, no_changes, parameters, prefix,
     ChangeSetPhase, Kind,
@@ -21,6 +21,9 @@ pub struct DeployRequest<'a> {
     pub name: &'a str,
     /// None: the stack's own prefix on an update, the default on a create.
     pub prefix: Option<&'a str>,
+    /// An ACM certificate for HTTPS; Some("") turns HTTPS off; None keeps what the stack
+    /// has (HTTP only on a create).
+    pub certificate_arn: Option<&'a str>,
     pub template: &'a str,
 }
 
@@ -51,6 +54,9 @@ pub async fn deploy<S: Stacks>(
     if let Some(p) = request.prefix {
         check_prefix(p)?;
     }
+    if let Some(arn) = request.certificate_arn {
+        check_certificate_arn(arn, None)?;
+    }
     let existing = stacks.describe(name).await?;
     let kind = change_set_kind(name, existing.as_ref().map(|s| s.status.as_str()))?;
     // A REVIEW_IN_PROGRESS stack (a change set never executed) has nothing to keep.
@@ -67,7 +73,7 @@ pub async fn deploy<S: Stacks>(
             name: change_set.clone(),
             kind,
             template: request.template.to_owned(),
-            parameters: parameters(kind, &prefix, existing_parameters),
+            parameters: parameters(kind, &prefix, request.certificate_arn, existing_parameters),
             tags: STACK_TAGS
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))

@@ -161,6 +161,8 @@ pub enum StackError {
     InvalidName(String),
     #[error("{0}")]
     InvalidPrefix(String),
+    #[error("{0}")]
+    InvalidCertificate(String),
     #[error("stack {name} was deployed with prefix {from:?}: deploying it with {to:?} would rename, so replace, nearly everything in it (the fleet's security group, target group and instance profile too); leave out --prefix to keep {from:?}, or deploy another stack for the new prefix")]
     PrefixChange {
         name: String,
@@ -208,6 +210,7 @@ impl StackError {
             self,
             StackError::InvalidName(_)
                 | StackError::InvalidPrefix(_)
+                | StackError::InvalidCertificate(_)
                 | StackError::PrefixChange { .. }
         )
     }

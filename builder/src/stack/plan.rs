@@ -9,6 +9,8 @@ use super::StackError;
 
 /// The template parameter every resource name starts with.
 pub const PREFIX_PARAMETER: &str = "Prefix";
+/// The template parameter that turns on HTTPS (empty: HTTP only).
+pub const CERTIFICATE_PARAMETER: &str = "CertificateArn";
 
 /// The change set a deploy creates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,24 +101,33 @@ pub enum ParameterValue {
     UsePrevious,
 }
 
-/// The change set's parameters: the prefix, and for an update every other parameter the
-/// stack already has, kept as it is.
+/// The change set's parameters: the prefix, the certificate when one was given (an empty
+/// one turns HTTPS off), and for an update every other parameter the stack already has,
+/// kept as it is (the certificate too, when none was given).
 pub fn parameters(
     kind: Kind,
     prefix: &str,
+    certificate: Option<&str>,
     existing: Option<&BTreeMap<String, String>>,
 ) -> Vec<(String, ParameterValue)> {
     let mut out = vec![(
         PREFIX_PARAMETER.to_owned(),
         ParameterValue::Value(prefix.to_owned()),
     )];
+    if let Some(arn) = certificate {
+        out.push((
+            CERTIFICATE_PARAMETER.to_owned(),
+            ParameterValue::Value(arn.to_owned()),
+        ));
+    }
     if kind == Kind::Update {
         if let Some(existing) = existing {
             out.extend(
                 existing
                     .keys()
-                    .filter(|k| k.as_str() != PREFIX_PARAMETER)
-                    .map(|k| (k.clone(), ParameterValue::UsePrevious)),
+                    .filter(|k| !out.iter().any(|(set, _)| set == *k))
+                    .map(|k| (k.clone(), ParameterValue::UsePrevious))
+                    .collect::<Vec<_>>(),
             );
         }
     }
@@ -249,14 +260,46 @@ mod tests {
     fn update_keeps_the_other_parameters() {
         let existing = params(&[("Prefix", "web-"), ("VpcCidr", "10.1.0.0/16")]);
         assert_eq!(
-            parameters(Kind::Create, "web-", None),
+            parameters(Kind::Create, "web-", None, None),
             vec![("Prefix".into(), ParameterValue::Value("web-".into()))]
         );
         assert_eq!(
-            parameters(Kind::Update, "web-", Some(&existing)),
+            parameters(Kind::Update, "web-", None, Some(&existing)),
             vec![
                 ("Prefix".into(), ParameterValue::Value("web-".into())),
                 ("VpcCidr".into(), ParameterValue::UsePrevious),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_certificate_is_set_kept_or_removed() {
+        const ARN: &str = "arn:aws:acm:us-east-1:123456789012:certificate/abc-123";
+        let https = params(&[("Prefix", "web-"), ("CertificateArn", ARN)]);
+        assert_eq!(
+            parameters(Kind::Create, "web-", Some(ARN), None),
+            vec![
+                ("Prefix".into(), ParameterValue::Value("web-".into())),
+                ("CertificateArn".into(), ParameterValue::Value(ARN.into())),
+            ]
+        );
+        // Not given on an update: the stack keeps its certificate.
+        assert_eq!(
+            parameters(Kind::Update, "web-", None, Some(&https)),
+            vec![
+                ("Prefix".into(), ParameterValue::Value("web-".into())),
+                ("CertificateArn".into(), ParameterValue::UsePrevious),
+            ]
+        );
+        // Given empty: HTTPS off, once, not also "use previous".
+        assert_eq!(
+            parameters(Kind::Update, "web-", Some(""), Some(&https)),
+            vec![
+                ("Prefix".into(), ParameterValue::Value("web-".into())),
+                (
+                    "CertificateArn".into(),
+                    ParameterValue::Value(String::new())
+                ),
             ]
         );
     }

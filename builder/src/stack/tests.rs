@@ -245,6 +245,7 @@ async fn go(fake: &Fake, prefix: Option<&str>) -> (Result<deploy::Deployed, Stac
     let request = DeployRequest {
         name: "web",
         prefix,
+        certificate_arn: None,
         template: TEMPLATE,
     };
     let r = deploy(fake, &request, WAIT, &mut out).await;
@@ -463,6 +464,7 @@ async fn a_bad_name_makes_no_call() {
     let request = DeployRequest {
         name: "9lives",
         prefix: None,
+        certificate_arn: None,
         template: TEMPLATE,
     };
     let e = deploy(&fake, &request, WAIT, &mut out).await.unwrap_err();

@@ -199,6 +199,38 @@ fn encrypted_ebs_volumes_and_mappings_pass() {
 }
 
 #[test]
+fn load_balancers_without_logs_header_hygiene_strict_desync_or_modern_tls_are_caught() {
+    let report = check("alb_bad.yaml");
+    let (logs, headers, desync) = (
+        "ALB_ACCESS_LOGS_ENABLED",
+        "ALB_DROPS_INVALID_HEADERS",
+        "ALB_DESYNC_MITIGATION_STRICTEST",
+    );
+    assert_eq!(
+        pairs(&report),
+        set([
+            ("Bare", logs),
+            ("Bare", headers),
+            ("Bare", desync),
+            ("Lax", logs),
+            ("Lax", headers),
+            ("Lax", desync),
+            ("OldTls", "ALB_HTTPS_TLS13_POLICY"),
+            // Clear text next to HTTPS, and a conditional listener that forwards when the
+            // certificate is there.
+            ("ClearText", "ALB_HTTP_REDIRECTS_TO_HTTPS"),
+            ("ClearTextWithCertificate", "ALB_HTTP_REDIRECTS_TO_HTTPS"),
+        ]),
+        "a network load balancer is not held to ALB rules"
+    );
+}
+
+#[test]
+fn a_logged_strict_tls13_load_balancer_with_a_redirect_passes() {
+    assert_clean("alb_good.yaml");
+}
+
+#[test]
 fn every_rule_has_a_fixture_that_breaks_it() {
     let mut caught = BTreeSet::new();
     for name in [
@@ -207,6 +239,7 @@ fn every_rule_has_a_fixture_that_breaks_it() {
         "s3_bad.yaml",
         "iam_bad.yaml",
         "ebs_bad.yaml",
+        "alb_bad.yaml",
     ] {
         caught.extend(check(name).violations.into_iter().map(|v| v.rule));
     }

@@ -17,7 +17,9 @@ use crate::common;
 
 use std::path::Path;
 
-use common::moto::{fleet_instances, moto_rebuild_outputs, output, stack_outputs, Moto};
+use common::moto::{
+    fleet_instances, moto_rebuild_outputs, moto_rebuild_outputs_with, output, stack_outputs, Moto,
+};
 
 const STACK: &str = "amictl-test";
 /// Short polls: moto finishes every operation at once.
@@ -301,6 +303,128 @@ async fn deploys_rolls_out_into_and_deletes_a_stack() {
     assert!(err.contains("amictl stack deploy"), "{err}");
 }
 
+/// Asks moto's ACM for a certificate (amictl itself never calls ACM, so the SDK has no
+/// client for it here): a JSON 1.1 call, signed in name only.
+async fn moto_certificate(moto: &Moto, domain: &str) -> String {
+    let response = reqwest::Client::new()
+        .post(&moto.endpoint)
+        .header("Content-Type", "application/x-amz-json-1.1")
+        .header("X-Amz-Target", "CertificateManager.RequestCertificate")
+        .header(
+            "Authorization",
+            "AWS4-HMAC-SHA256 Credential=testing/20260101/us-east-1/acm/aws4_request, SignedHeaders=host, Signature=0",
+        )
+        .body(format!(r#"{{"DomainName":"{domain}"}}"#))
+        .send()
+        .await
+        .unwrap();
+    let body: serde_json::Value = serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
+    body["CertificateArn"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_certificate_adds_https_and_turns_port_80_into_a_redirect() {
+    let Some(moto) = Moto::start() else { return };
+    let state = tempfile::tempdir().unwrap();
+    let st = state.path();
+    let config = moto.sdk_config().await;
+    let cf = aws_sdk_cloudformation::Client::new(&config);
+    let ec2 = aws_sdk_ec2::Client::new(&config);
+    let elb = aws_sdk_elasticloadbalancingv2::Client::new(&config);
+    let arn = moto_certificate(&moto, "fleet.example.com").await;
+
+    let (code, _, err) = run(
+        &moto,
+        st,
+        &[
+            "stack",
+            "deploy",
+            "--name",
+            "amictl-tls",
+            "--prefix",
+            "tls-",
+            "--certificate-arn",
+            &arn,
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let lb = elb
+        .describe_load_balancers()
+        .names("tls-alb")
+        .send()
+        .await
+        .unwrap();
+    let lb = &lb.load_balancers()[0];
+    let listeners = elb
+        .describe_listeners()
+        .load_balancer_arn(lb.load_balancer_arn().unwrap())
+        .send()
+        .await
+        .unwrap();
+    let mut by_port: Vec<_> = listeners
+        .listeners()
+        .iter()
+        .map(|l| (l.port().unwrap(), l))
+        .collect();
+    by_port.sort_by_key(|(port, _)| *port);
+    assert_eq!(by_port.len(), 2, "{listeners:?}");
+    let (_, http) = by_port[0];
+    let redirect = &http.default_actions()[0];
+    assert_eq!(redirect.r#type().unwrap().as_str(), "redirect", "{http:?}");
+    let to = redirect.redirect_config().unwrap();
+    assert_eq!((to.protocol(), to.port()), (Some("HTTPS"), Some("443")));
+    assert_eq!(to.status_code().unwrap().as_str(), "HTTP_301");
+    let (port, https) = by_port[1];
+    assert_eq!(port, 443);
+    assert_eq!(https.protocol().unwrap().as_str(), "HTTPS");
+    assert_eq!(
+        https.ssl_policy(),
+        Some("ELBSecurityPolicy-TLS13-1-2-Res-2021-06")
+    );
+    assert_eq!(
+        https.certificates()[0].certificate_arn(),
+        Some(arn.as_str())
+    );
+    assert_eq!(
+        https.default_actions()[0].r#type().unwrap().as_str(),
+        "forward"
+    );
+    // 443 is open on the load balancer's security group, next to 80.
+    let groups = ec2
+        .describe_security_groups()
+        .filters(
+            aws_sdk_ec2::types::Filter::builder()
+                .name("group-name")
+                .values("tls-lb")
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let mut ports: Vec<i32> = groups.security_groups()[0]
+        .ip_permissions()
+        .iter()
+        .filter_map(|p| p.from_port())
+        .collect();
+    ports.sort_unstable();
+    assert_eq!(ports, [80, 443]);
+    // The URL is https.
+    if stack_outputs(&cf, "amictl-tls").await.is_empty() {
+        let template = include_str!("../../stack/stack.yaml");
+        let parameters = [("Prefix", "tls-"), ("CertificateArn", arn.as_str())];
+        moto_rebuild_outputs_with(&cf, "amictl-tls", template, &parameters).await;
+    }
+    assert!(
+        stack_outputs(&cf, "amictl-tls").await["Url"].starts_with("https://tls-alb"),
+        "{:?}",
+        stack_outputs(&cf, "amictl-tls").await
+    );
+    // The same deploy without the flag keeps HTTPS: nothing to change.
+    let (code, _, err) = run(&moto, st, &["stack", "deploy", "--name", "amictl-tls"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("is up to date"), "{err}");
+}
+
 /// Bad names and prefixes are refused before any request: the endpoint is a socket that
 /// would see any connection.
 #[test]
@@ -309,7 +433,41 @@ fn bad_names_are_refused_before_any_request() {
     listener.set_nonblocking(true).unwrap();
     let endpoint = format!("http://{}", listener.local_addr().unwrap());
     let state = tempfile::tempdir().unwrap();
-    let cases: [(&[&str], &str); 6] = [
+    let cases: [(&[&str], &str); 9] = [
+        (
+            &[
+                "stack",
+                "deploy",
+                "--name",
+                "web",
+                "--certificate-arn",
+                "arn:aws:acm:eu-west-1:123456789012:certificate/1a2b",
+            ],
+            "is in eu-west-1, the stack in us-east-1",
+        ),
+        (
+            &[
+                "stack",
+                "deploy",
+                "--name",
+                "web",
+                "--certificate-arn",
+                "my-cert",
+            ],
+            "is not an ARN",
+        ),
+        (
+            &[
+                "up",
+                "--name",
+                "amictl-web",
+                "--ami",
+                "ami-1",
+                "--certificate-arn",
+                "arn:aws:iam::123456789012:server-certificate/web",
+            ],
+            "not an ACM certificate",
+        ),
         (
             &["stack", "deploy", "--name", "1web"],
             "starts with a letter",

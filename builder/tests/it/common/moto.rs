@@ -260,3 +260,27 @@ pub async fn moto_rebuild_outputs(cf: &aws_sdk_cloudformation::Client, name: &st
         .await
         .unwrap();
 }
+
+/// [`moto_rebuild_outputs`] for a stack deployed with parameters: moto's UpdateStack
+/// would otherwise fall back to the template's defaults.
+pub async fn moto_rebuild_outputs_with(
+    cf: &aws_sdk_cloudformation::Client,
+    name: &str,
+    template: &str,
+    parameters: &[(&str, &str)],
+) {
+    let parameters = parameters.iter().map(|(k, v)| {
+        aws_sdk_cloudformation::types::Parameter::builder()
+            .parameter_key(*k)
+            .parameter_value(*v)
+            .build()
+    });
+    cf.update_stack()
+        .stack_name(name)
+        .template_body(template)
+        .set_parameters(Some(parameters.collect()))
+        .capabilities(aws_sdk_cloudformation::types::Capability::CapabilityNamedIam)
+        .send()
+        .await
+        .unwrap();
+}
