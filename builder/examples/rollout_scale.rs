@@ -31,7 +31,7 @@ fn settings(image: &str, per_az: usize, surge: usize) -> Settings {
             parallel_azs: false,
         },
         prefix: "b-".into(),
-        health_command: "check".into(),
+        health: amictl::fleet::Command::Health,
         health_passes: 3,
         health_interval: Duration::from_secs(10),
         step_timeout: Duration::from_secs(900),

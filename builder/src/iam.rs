@@ -85,8 +85,19 @@ pub const FLEET_TAG: &str = "amictl:fleet";
 /// What `stack::plan::change_set_name` starts every change set's name with, whatever the
 /// prefix.
 pub const CHANGE_SET_PREFIX: &str = "amictl-";
-/// The SSM document amictl runs commands with ([`crate::ssm::DOCUMENT`]).
-pub const RUN_COMMAND_DOCUMENT: &str = "AWS-RunShellScript";
+/// amictl's SSM documents ([`crate::ssm::Document`]): `{prefix}*` before the name, like
+/// the stack's other names, so a policy for `amictl-pr-` covers `amictl-pr-7-HealthCheck`.
+const HEALTH_CHECK_DOCUMENT: &str =
+    "arn:{partition}:ssm:{region}:{account}:document/{prefix}*HealthCheck";
+const DRIFT_REPORT_DOCUMENT: &str =
+    "arn:{partition}:ssm:{region}:{account}:document/{prefix}*DriftReport";
+const RESTART_AGENT_DOCUMENT: &str =
+    "arn:{partition}:ssm:{region}:{account}:document/{prefix}*RestartAgent";
+const AMICTL_DOCUMENTS: &[&str] = &[
+    HEALTH_CHECK_DOCUMENT,
+    DRIFT_REPORT_DOCUMENT,
+    RESTART_AGENT_DOCUMENT,
+];
 /// The one managed policy the stack's instance role gets (the template's
 /// `ManagedPolicyArns`): attaching any other is refused, so the stack's permissions cannot
 /// give a prefix role more than SSM needs.
@@ -117,6 +128,8 @@ pub const STACK_RESOURCE_TYPES: &[&str] = &[
     "AWS::IAM::Role",
     "AWS::S3::Bucket",
     "AWS::S3::BucketPolicy",
+    // amictl's documents: AmictlDocuments.
+    "AWS::SSM::Document",
 ];
 
 use Scope::{Destroy, Drift, Health, Publish, Rollout, Stack};
@@ -136,6 +149,7 @@ const VOLUMES: &str = "arn:{partition}:ec2:{region}:{account}:volume/*";
 /// AMIs and snapshots: their ARNs carry no account.
 const IMAGES: &str = "arn:{partition}:ec2:{region}::image/*";
 const SNAPSHOTS: &str = "arn:{partition}:ec2:{region}::snapshot/*";
+const IMPORT_TASKS: &str = "arn:{partition}:ec2:{region}:{account}:import-snapshot-task/*";
 /// The stack's import bucket (`${Prefix}import-${AWS::AccountId}-${AWS::Region}` in
 /// `stack.yaml`), also `image publish --via s3`'s staging bucket. `{prefix}*` like the
 /// stacks, roles and target groups: one policy for `amictl-pr-` covers every stack
@@ -150,8 +164,23 @@ const PREFIX_ALARMS: &str = "arn:{partition}:cloudwatch:{region}:{account}:alarm
 const PREFIX_TARGET_GROUPS: &str =
     "arn:{partition}:elasticloadbalancing:{region}:{account}:targetgroup/{prefix}*/*";
 
-/// Only instances that carry the fleet tag.
-const FLEET_INSTANCE: Condition = ("Null", "aws:ResourceTag/amictl:fleet", &["false"]);
+/// Only instances of the prefix's fleets: a fleet's name starts with the prefix (as the
+/// stack's does, `amictl up` names the fleet after it), so a policy for `amictl-pr-` cannot
+/// reach `amictl-main`'s instances.
+const FLEET_INSTANCE: Condition = ("StringLike", "aws:ResourceTag/amictl:fleet", &["{prefix}*"]);
+/// Images and snapshots amictl made for the prefix: `image publish` tags them
+/// `amictl:prefix` as they are created.
+const PREFIX_IMAGE: Condition = (
+    "StringLike",
+    "aws:ResourceTag/amictl:prefix",
+    &["{prefix}*"],
+);
+/// Only amictl's own tag keys (and Name) on images and snapshots.
+const AMICTL_TAG_KEYS: Condition = (
+    "ForAllValues:StringLike",
+    "aws:TagKeys",
+    &["Name", "amictl:*"],
+);
 
 /// Every capability amictl has, in the order the policy lists them.
 pub const GRANTS: &[Grant] = &[
@@ -185,7 +214,6 @@ pub const GRANTS: &[Grant] = &[
             (STACK, "ec2:DescribeRouteTables"),
             (STACK, "ec2:DescribeSecurityGroupRules"),
             (STACK, "ec2:DescribeSecurityGroups"),
-            (STACK, "ec2:DescribeVpcAttribute"),
             (STACK, "ec2:DescribeVpcEncryptionControls"),
             (STACK, "ec2:DescribeVpcs"),
             (STACK, "elasticloadbalancing:DescribeCapacityReservation"),
@@ -205,13 +233,19 @@ pub const GRANTS: &[Grant] = &[
         // with a customer managed key (--kms-key-id) the key's policy must let the caller
         // use it (kms:GenerateDataKeyWithoutPlaintext, kms:CreateGrant, kms:Decrypt,
         // kms:DescribeKey): not granted here, the key is not amictl's.
+        // The snapshot is tagged with the prefix as it starts; its blocks only go to one.
+        actions: &[(PUBLISH, "ebs:StartSnapshot")],
+        resources: &[SNAPSHOTS],
+        conditions: &[("StringLike", "aws:RequestTag/amictl:prefix", &["{prefix}*"])],
+    },
+    Grant {
+        sid: "EbsDirectUploadBlocks",
         actions: &[
-            (PUBLISH, "ebs:StartSnapshot"),
             (PUBLISH, "ebs:PutSnapshotBlock"),
             (PUBLISH, "ebs:CompleteSnapshot"),
         ],
         resources: &[SNAPSHOTS],
-        conditions: &[],
+        conditions: &[PREFIX_IMAGE],
     },
     Grant {
         sid: "ImportStagingObjects",
@@ -240,22 +274,20 @@ pub const GRANTS: &[Grant] = &[
     },
     Grant {
         sid: "ImportSnapshot",
-        // The Service Authorization Reference is not clear that these support resource-level
-        // permissions for every resource they touch (the task, the snapshot it makes): "*"
-        // is the choice that works. They act only on import tasks.
+        // The import task and the snapshot it makes (the Service Authorization Reference's
+        // resource types for both actions).
         actions: &[
             (PUBLISH, "ec2:ImportSnapshot"),
             (PUBLISH, "ec2:CancelImportTask"),
         ],
-        resources: &["*"],
+        resources: &[IMPORT_TASKS, SNAPSHOTS],
         conditions: &[],
     },
     Grant {
         sid: "TagImportTasksOnCreate",
-        // ImportSnapshot tags its task as it creates it; "*" because the task's ARN is not
-        // known before, and the condition allows nothing but tagging on creation.
+        // ImportSnapshot tags its task as it creates it, and nothing else.
         actions: &[(PUBLISH, "ec2:CreateTags")],
-        resources: &["*"],
+        resources: &[IMPORT_TASKS],
         conditions: &[("StringEquals", "ec2:CreateAction", &["ImportSnapshot"])],
     },
     Grant {
@@ -280,16 +312,50 @@ pub const GRANTS: &[Grant] = &[
         conditions: &[],
     },
     Grant {
-        sid: "TagImages",
-        // On creation (RegisterImage, CopyImage) and after (the snapshot once registered, a
-        // copy's snapshots). Only amictl's own tag keys and Name.
+        sid: "TagImagesOnCreate",
+        // RegisterImage and CopyImage tag what they create: with the prefix, amictl's keys.
         actions: &[(PUBLISH, "ec2:CreateTags")],
         resources: &[IMAGES, SNAPSHOTS],
-        conditions: &[(
-            "ForAllValues:StringLike",
-            "aws:TagKeys",
-            &["Name", "amictl:*"],
-        )],
+        conditions: &[
+            (
+                "StringEquals",
+                "ec2:CreateAction",
+                &["RegisterImage", "CopyImage"],
+            ),
+            ("StringLike", "aws:RequestTag/amictl:prefix", &["{prefix}*"]),
+            AMICTL_TAG_KEYS,
+        ],
+    },
+    Grant {
+        sid: "TagOwnImages",
+        // Later tags (the snapshot once registered, a copy's snapshots) only on what the
+        // prefix already owns, and never handing it to another prefix. Without a
+        // CreateAction condition anywhere, amictl:managed-by could be put on any AMI and
+        // the next statements would then reach it.
+        actions: &[(PUBLISH, "ec2:CreateTags")],
+        resources: &[IMAGES, SNAPSHOTS],
+        conditions: &[
+            PREFIX_IMAGE,
+            (
+                "StringLikeIfExists",
+                "aws:RequestTag/amictl:prefix",
+                &["{prefix}*"],
+            ),
+            AMICTL_TAG_KEYS,
+        ],
+    },
+    Grant {
+        sid: "ClaimImportedSnapshots",
+        // ImportSnapshot (`--via s3`) tags only its task: the snapshot it makes has no
+        // tags, so `publish` claims it for the prefix as soon as the import completes, and
+        // only a snapshot no prefix has claimed can be claimed.
+        actions: &[(PUBLISH, "ec2:CreateTags")],
+        resources: &[SNAPSHOTS],
+        conditions: &[
+            ("Null", "aws:ResourceTag/amictl:prefix", &["true"]),
+            ("StringLike", "aws:RequestTag/amictl:prefix", &["{prefix}*"]),
+            AMICTL_TAG_KEYS,
+        ],
     },
     Grant {
         sid: "ManageOwnImages",
@@ -302,19 +368,22 @@ pub const GRANTS: &[Grant] = &[
             (PUBLISH, "ec2:ModifyImageAttribute"),
         ],
         resources: &[IMAGES],
-        conditions: &[(
-            "StringEquals",
-            "aws:ResourceTag/amictl:managed-by",
-            &["amictl"],
-        )],
+        conditions: &[
+            (
+                "StringEquals",
+                "aws:ResourceTag/amictl:managed-by",
+                &["amictl"],
+            ),
+            PREFIX_IMAGE,
+        ],
     },
     Grant {
         sid: "DeleteSnapshots",
-        // No tag condition: a failed publish deletes the snapshot ImportSnapshot made before
-        // it carries amictl's tags, and that clean-up must not be refused.
+        // Only the prefix's snapshots: an upload's carries the prefix from its start, and
+        // an import's is claimed before anything else can fail (ClaimImportedSnapshots).
         actions: &[(PUBLISH, "ec2:DeleteSnapshot")],
         resources: &[SNAPSHOTS],
-        conditions: &[],
+        conditions: &[PREFIX_IMAGE],
     },
     // ---- rollout: instances ------------------------------------------------------------
     Grant {
@@ -338,13 +407,16 @@ pub const GRANTS: &[Grant] = &[
         // default key needs its key policy to allow the caller.
         actions: &[(ROLLOUT, "ec2:RunInstances")],
         resources: &[INSTANCES, VOLUMES],
-        conditions: &[("Null", "aws:RequestTag/amictl:fleet", &["false"])],
+        conditions: &[("StringLike", "aws:RequestTag/amictl:fleet", &["{prefix}*"])],
     },
     Grant {
         sid: "TagFleetInstancesOnLaunch",
         actions: &[(ROLLOUT, "ec2:CreateTags")],
         resources: &[INSTANCES, VOLUMES],
-        conditions: &[("StringEquals", "ec2:CreateAction", &["RunInstances"])],
+        conditions: &[
+            ("StringEquals", "ec2:CreateAction", &["RunInstances"]),
+            ("StringLike", "aws:RequestTag/amictl:fleet", &["{prefix}*"]),
+        ],
     },
     Grant {
         sid: "PassFleetInstanceRole",
@@ -394,19 +466,58 @@ pub const GRANTS: &[Grant] = &[
         conditions: &[],
     },
     // ---- SSM Run Command (rollout health gates, health, drift) -------------------------
+    // amictl sends only its own documents, one fixed command each: a grant on a document is
+    // a grant of that command alone, where AWS-RunShellScript would be a root shell on
+    // every fleet instance. Each scope gets the documents its commands send.
     Grant {
-        sid: "RunCommandDocument",
+        sid: "RunHealthCheckDocument",
         actions: &[(RUN_COMMAND, "ssm:SendCommand")],
-        resources: &["arn:{partition}:ssm:{region}::document/AWS-RunShellScript"],
+        resources: &[HEALTH_CHECK_DOCUMENT],
+        conditions: &[],
+    },
+    Grant {
+        sid: "RunDriftReportDocument",
+        actions: &[(&[Drift], "ssm:SendCommand")],
+        resources: &[DRIFT_REPORT_DOCUMENT],
+        conditions: &[],
+    },
+    Grant {
+        sid: "RunRestartAgentDocument",
+        // `health --heal`.
+        actions: &[(&[Health], "ssm:SendCommand")],
+        resources: &[RESTART_AGENT_DOCUMENT],
+        conditions: &[],
+    },
+    Grant {
+        sid: "AmictlDocuments",
+        // Each command reads a document before it sends it (is it amictl's?). Only rollout
+        // and the stack write them: whoever may both write a document and send it may run
+        // anything as root, which rollout can already on the instances it launches (user
+        // data), and health and drift must not.
+        actions: &[
+            (&[Rollout, Health, Drift, Stack], "ssm:GetDocument"),
+            (&[Rollout, Stack], "ssm:CreateDocument"),
+            (&[Rollout, Stack], "ssm:UpdateDocument"),
+            (&[Rollout, Stack], "ssm:UpdateDocumentDefaultVersion"),
+            // The rest of what CloudFormation's AWS::SSM::Document handlers call (the
+            // stack's tags go on every resource that takes tags).
+            (STACK, "ssm:AddTagsToResource"),
+            (STACK, "ssm:DeleteDocument"),
+            (STACK, "ssm:DescribeDocument"),
+            (STACK, "ssm:ListTagsForResource"),
+            (STACK, "ssm:RemoveTagsFromResource"),
+        ],
+        resources: AMICTL_DOCUMENTS,
         conditions: &[],
     },
     Grant {
         sid: "RunCommandOnFleetInstances",
         // SendCommand is authorized against the document (above) and each instance: here
-        // only instances of a fleet. A separate statement, since the document has no tags.
+        // only instances of the prefix's fleets. A separate statement, since the document
+        // has no tags.
         actions: &[(RUN_COMMAND, "ssm:SendCommand")],
         resources: &[INSTANCES],
-        conditions: &[("StringLike", "ssm:resourceTag/amictl:fleet", &["*"])],
+        conditions: &[("StringLike", "ssm:resourceTag/amictl:fleet", &["{prefix}*"])],
     },
     Grant {
         sid: "RunCommandResults",
@@ -422,8 +533,7 @@ pub const GRANTS: &[Grant] = &[
     Grant {
         sid: "CloudFormationStacks",
         // Stacks named with the prefix (`stack deploy --name PREFIX...`). Change set calls
-        // are authorized against the stack; the change set ARN is listed too, for the calls
-        // that name one.
+        // are authorized against the stack too, so no change set ARN is needed.
         actions: &[
             (STACK, "cloudformation:CreateChangeSet"),
             (STACK, "cloudformation:DeleteChangeSet"),
@@ -433,10 +543,7 @@ pub const GRANTS: &[Grant] = &[
             (&[Rollout, Stack], "cloudformation:DescribeStacks"),
             (STACK, "cloudformation:ExecuteChangeSet"),
         ],
-        resources: &[
-            "arn:{partition}:cloudformation:{region}:{account}:stack/{prefix}*/*",
-            "arn:{partition}:cloudformation:{region}:{account}:changeSet/{change_set_prefix}*/*",
-        ],
+        resources: &["arn:{partition}:cloudformation:{region}:{account}:stack/{prefix}*/*"],
         conditions: &[],
     },
     // ---- stack: what CloudFormation does with the caller's permissions -----------------
@@ -465,6 +572,7 @@ pub const GRANTS: &[Grant] = &[
             (STACK, "ec2:DeleteTags"),
             (STACK, "ec2:DeleteVpc"),
             (STACK, "ec2:DetachInternetGateway"),
+            (STACK, "ec2:DescribeVpcAttribute"),
             (STACK, "ec2:DisassociateRouteTable"),
             (STACK, "ec2:ModifySubnetAttribute"),
             (STACK, "ec2:ModifyVpcAttribute"),
@@ -530,9 +638,7 @@ pub const GRANTS: &[Grant] = &[
         sid: "StackInstanceRole",
         // `${Prefix}instance`, the role and its instance profile. No inline policies
         // (iam:PutRolePolicy): the template has none, and the role must not get more than
-        // the one managed policy (next statement). PassRole is what AddRoleToInstanceProfile
-        // needs (which service it is passed to is not documented there, hence no
-        // condition); the role trusts only EC2.
+        // the one managed policy (StackInstanceRolePolicy). PassRole has its own statement.
         actions: &[
             (STACK, "iam:AddRoleToInstanceProfile"),
             (STACK, "iam:CreateInstanceProfile"),
@@ -545,7 +651,6 @@ pub const GRANTS: &[Grant] = &[
             (STACK, "iam:ListAttachedRolePolicies"),
             (STACK, "iam:ListInstanceProfilesForRole"),
             (STACK, "iam:ListRolePolicies"),
-            (STACK, "iam:PassRole"),
             (STACK, "iam:RemoveRoleFromInstanceProfile"),
             (STACK, "iam:TagInstanceProfile"),
             (STACK, "iam:TagRole"),
@@ -560,6 +665,19 @@ pub const GRANTS: &[Grant] = &[
             PREFIX_ROLES,
         ],
         conditions: &[],
+    },
+    Grant {
+        sid: "StackPassInstanceRole",
+        // What AddRoleToInstanceProfile needs. Whether that check carries
+        // iam:PassedToService is not documented, hence IfExists: wherever a service is
+        // named, it must be EC2 (the role trusts only EC2 anyway).
+        actions: &[(STACK, "iam:PassRole")],
+        resources: &[PREFIX_ROLES],
+        conditions: &[(
+            "StringEqualsIfExists",
+            "iam:PassedToService",
+            &["ec2.{amazonaws}"],
+        )],
     },
     Grant {
         sid: "StackInstanceRolePolicy",
@@ -617,10 +735,8 @@ pub const GRANTS: &[Grant] = &[
 /// documentation is unclear, see their grants): the only others allowed in a statement on
 /// `"*"` without a condition.
 pub const UNSCOPED_ACTIONS: &[&str] = &[
-    "ec2:CancelImportTask",
     // An account-wide setting, read-only: it has no resource.
     "ec2:GetEbsEncryptionByDefault",
-    "ec2:ImportSnapshot",
     "ssm:CancelCommand",
     "ssm:GetCommandInvocation",
 ];
@@ -853,6 +969,47 @@ pub fn size(policy: &Policy) -> usize {
         .len()
 }
 
+/// A statement alone is larger than the limit a part must keep to.
+#[derive(Debug, thiserror::Error)]
+#[error("statement {sid} alone is {size} characters, more than {limit}: it cannot go into a policy of that size")]
+pub struct TooLarge {
+    pub sid: &'static str,
+    pub size: usize,
+    pub limit: usize,
+}
+
+/// Splits `policy` into as few policies as needed, in order, each at most `limit`
+/// characters (without whitespace): for a role that needs several managed policies
+/// (6,144 characters each) where one would be too large. Statements are independent
+/// Allows, so any split grants exactly what the whole policy grants.
+pub fn split(policy: &Policy, limit: usize) -> Result<Vec<Policy>, TooLarge> {
+    let empty = |statement| Policy {
+        version: policy.version,
+        statement,
+    };
+    let mut parts: Vec<Policy> = Vec::new();
+    for s in &policy.statement {
+        let alone = empty(vec![s.clone()]);
+        if size(&alone) > limit {
+            return Err(TooLarge {
+                sid: s.sid,
+                size: size(&alone),
+                limit,
+            });
+        }
+        let fits = parts.last().is_some_and(|last| {
+            let mut grown = last.clone();
+            grown.statement.push(s.clone());
+            size(&grown) <= limit
+        });
+        match parts.last_mut() {
+            Some(last) if fits => last.statement.push(s.clone()),
+            _ => parts.push(alone),
+        }
+    }
+    Ok(parts)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -972,6 +1129,7 @@ mod tests {
                     "ec2:DescribeInstances",
                     "ssm:CancelCommand",
                     "ssm:GetCommandInvocation",
+                    "ssm:GetDocument",
                     "ssm:SendCommand"
                 ],
                 "{s:?}"
@@ -1047,12 +1205,37 @@ mod tests {
     }
 
     #[test]
+    fn a_split_policy_keeps_every_statement_in_order_within_the_limit() {
+        let three = Target::new(
+            "aws",
+            Some("123456789012"),
+            &["us-east-1".into(), "eu-west-1".into(), "us-west-2".into()],
+            "amictl-",
+        )
+        .unwrap();
+        let whole = policy(&all(), &three);
+        assert!(size(&whole) > MANAGED_POLICY_LIMIT, "nothing to split");
+        let parts = split(&whole, MANAGED_POLICY_LIMIT).unwrap();
+        assert!(parts.len() >= 2);
+        for p in &parts {
+            assert!(size(p) <= MANAGED_POLICY_LIMIT, "{}", size(p));
+            assert_eq!(p.version, "2012-10-17");
+        }
+        let rejoined: Vec<Statement> = parts.into_iter().flat_map(|p| p.statement).collect();
+        assert_eq!(rejoined, whole.statement);
+        // A limit no single statement fits names the statement.
+        let e = split(&whole, 100).unwrap_err();
+        assert_eq!(e.sid, whole.statement[0].sid);
+        assert!(e.to_string().contains("more than 100"), "{e}");
+    }
+
+    #[test]
     fn fleet_instances_are_picked_by_their_tag() {
         let p = policy(&all(), &anywhere());
         let t = find(&p, "TerminateFleetInstances");
         assert_eq!(
-            t["Condition"]["Null"]["aws:ResourceTag/amictl:fleet"],
-            "false"
+            t["Condition"]["StringLike"]["aws:ResourceTag/amictl:fleet"],
+            "amictl-*"
         );
         assert_eq!(t["Resource"], "arn:aws:ec2:*:*:instance/*");
         let r = find(&p, "RetireFleetInstances");
@@ -1066,19 +1249,18 @@ mod tests {
         );
         let l = find(&p, "LaunchFleetInstances");
         assert_eq!(
-            l["Condition"]["Null"]["aws:RequestTag/amictl:fleet"],
-            "false"
+            l["Condition"]["StringLike"]["aws:RequestTag/amictl:fleet"],
+            "amictl-*"
         );
         let s = find(&p, "RunCommandOnFleetInstances");
         assert_eq!(
             s["Condition"]["StringLike"]["ssm:resourceTag/amictl:fleet"],
-            "*"
+            "amictl-*"
         );
         assert_eq!(FLEET_TAG, crate::fleet::TAG_FLEET);
-        assert_eq!(RUN_COMMAND_DOCUMENT, crate::ssm::DOCUMENT);
         assert_eq!(
-            find(&p, "RunCommandDocument")["Resource"],
-            "arn:aws:ssm:*::document/AWS-RunShellScript"
+            find(&p, "RunHealthCheckDocument")["Resource"],
+            "arn:aws:ssm:*:*:document/amictl-*HealthCheck"
         );
         let pass = find(&p, "PassFleetInstanceRole");
         assert_eq!(pass["Resource"], "arn:aws:iam::*:role/amictl-*");
@@ -1107,8 +1289,6 @@ mod tests {
             serde_json::json!([
                 "arn:aws-cn:cloudformation:cn-north-1:123456789012:stack/web-*/*",
                 "arn:aws-cn:cloudformation:cn-northwest-1:123456789012:stack/web-*/*",
-                "arn:aws-cn:cloudformation:cn-north-1:123456789012:changeSet/amictl-*/*",
-                "arn:aws-cn:cloudformation:cn-northwest-1:123456789012:changeSet/amictl-*/*",
             ])
         );
         assert_eq!(
@@ -1251,5 +1431,48 @@ mod tests {
         }
         assert!(!template.contains("AWS::IAM::Policy"));
         assert!(!template.contains("PermissionsBoundary"));
+    }
+
+    /// SendCommand reaches amictl's documents (each scope the ones its commands send) and
+    /// fleet instances, nothing else; and no scope that sends may also write a document.
+    #[test]
+    fn send_command_reaches_only_amictls_documents() {
+        use crate::ssm::Document::{DriftReport, HealthCheck, RestartAgent};
+        let sent = |scope: Scope| -> Vec<String> {
+            let p = policy(&only(scope), &anywhere());
+            let mut docs = Vec::new();
+            for s in p
+                .statement
+                .iter()
+                .filter(|s| s.action.contains(&"ssm:SendCommand"))
+            {
+                for r in &s.resource.0 {
+                    if r.ends_with(":instance/*") {
+                        continue;
+                    }
+                    let doc = crate::ssm::Document::ALL
+                        .into_iter()
+                        .find(|d| *r == format!("arn:aws:ssm:*:*:document/amictl-*{}", d.suffix()))
+                        .unwrap_or_else(|| panic!("{scope:?}: ssm:SendCommand on {r}"));
+                    docs.push(doc.suffix().to_owned());
+                }
+            }
+            docs
+        };
+        assert_eq!(sent(Rollout), [HealthCheck.suffix()]);
+        assert_eq!(sent(Health), [HealthCheck.suffix(), RestartAgent.suffix()]);
+        assert_eq!(sent(Drift), [HealthCheck.suffix(), DriftReport.suffix()]);
+        assert!(!render(&policy(&all(), &anywhere())).contains("AWS-RunShellScript"));
+        for s in [Health, Drift] {
+            for write in [
+                "ssm:CreateDocument",
+                "ssm:UpdateDocument",
+                "ssm:UpdateDocumentDefaultVersion",
+            ] {
+                assert!(!actions(&only(s)).contains(write), "{s:?} has {write}");
+            }
+        }
+        let rollout = actions(&only(Rollout));
+        assert!(rollout.contains("ssm:CreateDocument") && rollout.contains("ssm:UpdateDocument"));
     }
 }

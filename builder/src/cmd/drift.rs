@@ -1,6 +1,7 @@
 //! `amictl drift --fleet NAME [--ami AMI]`: clock, content and image drift of every
-//! running instance, one row each. Exit 1 when anything drifts (a CI gate), 3 when nothing
-//! drifts but something could not be measured, 0 otherwise.
+//! running instance, one row each (on AWS through amictl's `{prefix}DriftReport` and
+//! `{prefix}HealthCheck` SSM documents). Exit 1 when anything drifts (a CI gate), 3 when
+//! nothing drifts but something could not be measured, 0 otherwise.
 
 use std::time::Duration;
 
@@ -8,10 +9,10 @@ use serde::Serialize;
 
 use crate::cmd::health::running;
 use crate::cmd::Provider;
-use crate::fleet::drift::{assess, exit_code, render, InstanceDrift, DEFAULT_DRIFT_COMMAND};
+use crate::fleet::drift::{assess, exit_code, render, InstanceDrift};
 use crate::fleet::ec2::{Ec2Compute, Ec2LaunchSettings};
-use crate::fleet::health::DEFAULT_HEALTH_COMMAND;
-use crate::fleet::{Compute, Invocation, RunCommand};
+use crate::fleet::{Command, Compute, Invocation, RunCommand};
+use crate::ssm::documents::{on_aws, Document};
 use crate::ssm::SsmRunCommand;
 
 #[derive(Debug, clap::Args)]
@@ -34,13 +35,24 @@ pub struct Args {
     /// Clock drift beyond this many seconds (either way) drifts.
     #[arg(long, value_name = "SECS", default_value_t = 2)]
     pub max_clock_drift: i64,
-    /// The clock measurement run on each instance (one integer on stdout).
-    /// [default: `ami-agent drift` where NixOS puts it, or next to amictl locally]
+    /// Local: the clock measurement run on each instance (one integer on stdout).
+    /// [default: `ami-agent drift` next to amictl] (On AWS: amictl's `{prefix}DriftReport`
+    /// SSM document, or --drift-document.)
     #[arg(long, env = "AMICTL_DRIFT_COMMAND")]
     pub drift_command: Option<String>,
-    /// The health check run on each instance (its JSON report gives the content drift).
+    /// AWS: an SSM Command document of yours instead of `{prefix}DriftReport`.
+    #[arg(long, value_name = "NAME", conflicts_with = "drift_command")]
+    pub drift_document: Option<String>,
+    /// Local: the health check run on each instance (its JSON report gives the content
+    /// drift). (On AWS: `{prefix}HealthCheck`, or --health-document.)
     #[arg(long, env = "AMICTL_HEALTH_COMMAND")]
     pub health_command: Option<String>,
+    /// AWS: an SSM Command document of yours instead of `{prefix}HealthCheck`.
+    #[arg(long, value_name = "NAME", conflicts_with = "health_command")]
+    pub health_document: Option<String>,
+    /// AWS: the prefix of amictl's SSM documents, as given to `rollout`.
+    #[arg(long, env = "AMICTL_PREFIX", default_value = "amictl-")]
+    pub prefix: String,
     /// Seconds the commands may run on the instances.
     #[arg(long, value_name = "SECS", default_value_t = 60)]
     pub timeout: u64,
@@ -57,20 +69,31 @@ struct Output<'a> {
 pub async fn run(mut args: Args) -> anyhow::Result<i32> {
     match args.provider {
         Provider::Aws => {
+            let drift = on_aws(
+                Document::DriftReport,
+                args.drift_command.as_deref(),
+                args.drift_document.as_deref(),
+                &args.prefix,
+            )?;
+            let health = on_aws(
+                Document::HealthCheck,
+                args.health_command.as_deref(),
+                args.health_document.as_deref(),
+                &args.prefix,
+            )?;
             let config = crate::aws::load(args.region.as_deref()).await?;
             let compute = Ec2Compute::new(&config, Ec2LaunchSettings::default());
-            let runner = SsmRunCommand::new(&config);
-            let drift = args
-                .drift_command
-                .clone()
-                .unwrap_or_else(|| DEFAULT_DRIFT_COMMAND.into());
-            let health = args
-                .health_command
-                .clone()
-                .unwrap_or_else(|| DEFAULT_HEALTH_COMMAND.into());
+            let runner = SsmRunCommand::new(&config, &args.prefix);
             survey(&args, &compute, &runner, &drift, &health).await
         }
         Provider::Local => {
+            if let Some(d) = args
+                .drift_document
+                .as_ref()
+                .or(args.health_document.as_ref())
+            {
+                anyhow::bail!("SSM document {d}: SSM documents run on AWS; the local fleet takes --drift-command and --health-command");
+            }
             let store = crate::local::Store::open(&args.fleet)?;
             let state = store.load()?;
             if args.ami.is_none() {
@@ -79,8 +102,9 @@ pub async fn run(mut args: Args) -> anyhow::Result<i32> {
             let drift = args
                 .drift_command
                 .clone()
-                .unwrap_or_else(|| crate::local::LOCAL_DRIFT_COMMAND.into());
-            let health = args.health_command.clone().unwrap_or(state.health_command);
+                .map_or(Command::Drift, Command::Shell);
+            let health =
+                Command::Shell(args.health_command.clone().unwrap_or(state.health_command));
             let compute = crate::local::LocalCompute::new(store.clone());
             let runner = crate::local::LocalRunCommand { store };
             survey(&args, &compute, &runner, &drift, &health).await
@@ -92,8 +116,8 @@ async fn survey<C: Compute, R: RunCommand>(
     args: &Args,
     compute: &C,
     runner: &R,
-    drift_command: &str,
-    health_command: &str,
+    drift_command: &Command,
+    health_command: &Command,
 ) -> anyhow::Result<i32> {
     let timeout = Duration::from_secs(args.timeout.max(1));
     let instances = running(compute.instances(&args.fleet).await?, &args.fleet);

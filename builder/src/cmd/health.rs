@@ -1,6 +1,7 @@
 //! `amictl health --fleet NAME`: the agent's check on every running instance of a fleet
-//! through SSM Run Command, one row each; `--heal` restarts the agent where it is unhealthy
-//! and checks again; `--url URL` checks one endpoint from outside instead (no SSM).
+//! through SSM Run Command (amictl's `{prefix}HealthCheck` document), one row each; `--heal`
+//! restarts the agent where it is unhealthy (`{prefix}RestartAgent`) and checks again;
+//! `--url URL` checks one endpoint from outside instead (no SSM).
 //! Exit 0 healthy, 1 degraded, 2 unhealthy, 3 unknown: the worst instance's.
 
 use std::path::PathBuf;
@@ -15,9 +16,9 @@ use crate::cmd::Provider;
 use crate::fleet::ec2::{Ec2Compute, Ec2LaunchSettings};
 use crate::fleet::health::{
     check, heal, render, render_heals, worst, AgentReport, Heal, InstanceHealth, Verdict,
-    DEFAULT_HEALTH_COMMAND,
 };
-use crate::fleet::{Compute, Instance, InstanceState};
+use crate::fleet::{Command, Compute, Instance, InstanceState};
+use crate::ssm::documents::{on_aws, Document};
 use crate::ssm::SsmRunCommand;
 
 #[derive(Debug, clap::Args)]
@@ -44,11 +45,19 @@ pub struct Args {
     /// AWS region (else the standard chain: AWS_REGION, the profile).
     #[arg(long)]
     pub region: Option<String>,
-    /// The command run on each instance; its exit code is the verdict, its JSON report
-    /// (`ami-agent check --json`) adds detail.
-    /// [default: the agent's check where NixOS puts it; local: the fleet's own]
+    /// Local: the shell command run on each instance; its exit code is the verdict, its
+    /// JSON report (`ami-agent check --json`) adds detail. [default: the fleet's own]
+    /// (On AWS the check is amictl's `{prefix}HealthCheck` SSM document, or
+    /// --health-document.)
     #[arg(long, env = "AMICTL_HEALTH_COMMAND")]
     pub health_command: Option<String>,
+    /// AWS: an SSM Command document of yours to run instead of `{prefix}HealthCheck`
+    /// (sent without parameters; its exit code is the verdict).
+    #[arg(long, value_name = "NAME", conflicts_with = "health_command")]
+    pub health_document: Option<String>,
+    /// AWS: the prefix of amictl's SSM documents, as given to `rollout`.
+    #[arg(long, env = "AMICTL_PREFIX", default_value = "amictl-")]
+    pub prefix: String,
     /// Seconds the command may run on the instances (with --url: each request).
     #[arg(long, value_name = "SECS", default_value_t = 60)]
     pub timeout: u64,
@@ -72,14 +81,16 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
     let (rows, heals) = match (&args.url, &args.fleet, args.provider) {
         (Some(url), _, _) => (vec![probe(url, &args, timeout).await], None),
         (None, Some(fleet), Provider::Aws) => {
+            let command = on_aws(
+                Document::HealthCheck,
+                args.health_command.as_deref(),
+                args.health_document.as_deref(),
+                &args.prefix,
+            )?;
             let config = crate::aws::load(args.region.as_deref()).await?;
             let compute = Ec2Compute::new(&config, Ec2LaunchSettings::default());
             let all = compute.instances(fleet).await?;
-            let runner = SsmRunCommand::new(&config);
-            let command = args
-                .health_command
-                .clone()
-                .unwrap_or_else(|| DEFAULT_HEALTH_COMMAND.into());
+            let runner = SsmRunCommand::new(&config, &args.prefix);
             let running = running(all.clone(), fleet);
             let mut rows = check(&runner, &running, &command, timeout).await?;
             rows.extend(down_rows(&all));
@@ -132,9 +143,12 @@ async fn local(
     args: &Args,
     timeout: Duration,
 ) -> anyhow::Result<(Vec<InstanceHealth>, Option<Vec<Heal>>)> {
+    if let Some(d) = &args.health_document {
+        anyhow::bail!("--health-document {d}: SSM documents run on AWS; the local fleet takes --health-command");
+    }
     let store = crate::local::Store::open(fleet)?;
     let state = store.load()?;
-    let command = args.health_command.clone().unwrap_or(state.health_command);
+    let command = Command::Shell(args.health_command.clone().unwrap_or(state.health_command));
     let compute = crate::local::LocalCompute::new(store.clone());
     let runner = crate::local::LocalRunCommand {
         store: store.clone(),

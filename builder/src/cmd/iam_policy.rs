@@ -74,6 +74,11 @@ pub struct Args {
     /// --copy-to-regions` needs each copy's region); default any.
     #[arg(long, value_name = "REGION")]
     pub region: Vec<String>,
+    /// Write the policy to DIR as managed policies of at most 6,144 characters each
+    /// (`amictl-policy-1.json`, ...), to attach together to one role, instead of printing
+    /// it.
+    #[arg(long, value_name = "DIR")]
+    pub split: Option<std::path::PathBuf>,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<i32> {
@@ -94,13 +99,42 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
         scopes = Scope::ALL.into_iter().collect();
     }
     let policy = iam::policy(&scopes, &target);
+    if let Some(dir) = &args.split {
+        return write_split(&policy, dir);
+    }
     print!("{}", iam::render(&policy));
     let size = iam::size(&policy);
     if size > MANAGED_POLICY_LIMIT {
-        let names: Vec<&str> = scopes.iter().map(|s| s.name()).collect();
         eprintln!(
-            "note: this policy is {size} characters (without whitespace), more than the {MANAGED_POLICY_LIMIT} a managed policy may have: use it as an inline role policy (up to 10240), or make one managed policy per scope (--scope {})",
-            names.join(" / --scope ")
+            "note: this policy is {size} characters (without whitespace), more than the {MANAGED_POLICY_LIMIT} a managed policy may have (and an inline one past {INLINE_POLICY_LIMIT} with the role's others): write it as several managed policies with --split DIR and attach them all to the role"
+        );
+    }
+    Ok(0)
+}
+
+/// All inline policies of one role together.
+const INLINE_POLICY_LIMIT: usize = 10_240;
+
+/// `--split DIR`: one file per managed policy; their names and sizes on stdout.
+fn write_split(policy: &iam::Policy, dir: &std::path::Path) -> anyhow::Result<i32> {
+    let parts = match iam::split(policy, MANAGED_POLICY_LIMIT) {
+        Ok(parts) => parts,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(1);
+        }
+    };
+    std::fs::create_dir_all(dir)
+        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
+    for (i, part) in parts.iter().enumerate() {
+        let path = dir.join(format!("amictl-policy-{}.json", i + 1));
+        std::fs::write(&path, iam::render(part))
+            .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+        println!(
+            "{}\t{} characters\t{} statements",
+            path.display(),
+            iam::size(part),
+            part.statement.len()
         );
     }
     Ok(0)

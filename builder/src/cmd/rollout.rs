@@ -18,6 +18,7 @@ use crate::rollout::config::{merge, ConfigFile, FleetConfig, FleetFile};
 use crate::rollout::engine::{Effects, Engine, Outcome, RolloutError, Settings};
 use crate::rollout::journal::{new_id, resolve, Entry, Journal, Resolution, State};
 use crate::rollout::plan::Desired;
+use crate::ssm::documents::{on_aws, Document};
 use crate::ssm::SsmRunCommand;
 use crate::stack::outputs::beneath;
 use crate::stack::StackError;
@@ -63,12 +64,18 @@ pub struct Args {
     /// Target group ARN: new instances are registered, old ones drained.
     #[arg(long)]
     pub target_group: Option<String>,
-    /// Prefix of the instances' Name tags.
+    /// Prefix of the instances' Name tags and of amictl's SSM documents
+    /// (`{prefix}HealthCheck`, ...).
     #[arg(long, env = "AMICTL_PREFIX")]
     pub prefix: Option<String>,
-    /// Run through SSM on each new instance; exit 0 means healthy.
+    /// Local: the shell command run on each new instance; exit 0 means healthy. (On AWS
+    /// the gate is amictl's `{prefix}HealthCheck` SSM document, or --health-document.)
     #[arg(long)]
     pub health_command: Option<String>,
+    /// AWS: an SSM Command document of yours to gate on instead of `{prefix}HealthCheck`
+    /// (sent without parameters; exit 0 means healthy).
+    #[arg(long, value_name = "NAME", conflicts_with = "health_command")]
+    pub health_document: Option<String>,
     /// Seconds each wait may take (running, healthy, drained).
     #[arg(long)]
     pub timeout: Option<u64>,
@@ -124,6 +131,7 @@ async fn run_aws(args: Args) -> anyhow::Result<i32> {
         target_group: args.target_group.clone(),
         prefix: args.prefix.clone(),
         health_command: args.health_command.clone(),
+        health_document: args.health_document.clone(),
         timeout: args.timeout,
         max_surge: args.max_surge,
         alarms: args.alarms.clone(),
@@ -158,6 +166,18 @@ async fn run_aws(args: Args) -> anyhow::Result<i32> {
     };
     let fleet = match merge(&args.fleet, cli, table.as_ref()) {
         Ok(f) => f,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(2);
+        }
+    };
+    let health = match on_aws(
+        Document::HealthCheck,
+        fleet.health_command.as_deref(),
+        fleet.health_document.as_deref(),
+        &fleet.prefix,
+    ) {
+        Ok(h) => h,
         Err(e) => {
             eprintln!("error: {e}");
             return Ok(2);
@@ -208,7 +228,14 @@ async fn run_aws(args: Args) -> anyhow::Result<i32> {
         instance_profile: fleet.instance_profile.clone(),
     };
     let compute = Ec2Compute::new(&config, launch.clone());
-    let ssm = SsmRunCommand::new(&config);
+    let ssm = SsmRunCommand::new(&config, &fleet.prefix);
+    if !args.dry_run {
+        // All of them, so that `health` and `drift`, whose IAM scopes may only read
+        // documents, find theirs.
+        ssm.prepare(&Document::ALL)
+            .await
+            .context("making sure amictl's SSM documents exist (nothing was launched)")?;
+    }
     let alarms = CloudWatchAlarms {
         client: aws_sdk_cloudwatch::Client::new(&config),
     };
@@ -216,7 +243,7 @@ async fn run_aws(args: Args) -> anyhow::Result<i32> {
         client: aws_sdk_elasticloadbalancingv2::Client::new(&config),
         arn: arn.clone(),
     });
-    let settings = settings(&args, &fleet, placements, &launch);
+    let settings = settings(&args, &fleet, placements, &launch, health);
 
     let fx = Effects {
         compute: &compute,
@@ -377,6 +404,9 @@ async fn run_local(args: Args) -> anyhow::Result<i32> {
     }
     if args.stack.is_some() {
         return refuse("--stack");
+    }
+    if args.health_document.is_some() {
+        return refuse("--health-document (an SSM document)");
     }
     let store = match Store::open(&args.fleet) {
         Ok(s) => s,
@@ -558,6 +588,7 @@ fn settings(
     fleet: &FleetConfig,
     placements: Vec<Placement>,
     launch: &Ec2LaunchSettings,
+    health: crate::fleet::Command,
 ) -> Settings {
     let specs = placements
         .iter()
@@ -574,7 +605,7 @@ fn settings(
             parallel_azs: args.parallel_azs,
         },
         prefix: fleet.prefix.clone(),
-        health_command: fleet.health_command.clone(),
+        health,
         health_passes: args.health_passes.max(1),
         health_interval: Duration::from_secs(10),
         step_timeout: Duration::from_secs(fleet.timeout),

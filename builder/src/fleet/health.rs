@@ -10,11 +10,11 @@ pub use ami_agent::check::Verdict;
 use serde::{Deserialize, Serialize};
 
 use super::table::table;
-use super::{CloudError, Instance, Invocation, RunCommand};
+use super::{CloudError, Command, Instance, Invocation, RunCommand};
 
-/// The agent's check, where NixOS puts it.
+/// The agent's check, where NixOS puts it (what the `HealthCheck` document runs).
 pub const DEFAULT_HEALTH_COMMAND: &str = "/run/current-system/sw/bin/ami-agent check --json";
-/// What `--heal` runs on an unhealthy instance.
+/// What `--heal` runs on an unhealthy instance (the `RestartAgent` document).
 pub const HEAL_COMMAND: &str = "systemctl restart ami-agent";
 
 /// The agent's `check --json` report as read back: every field optional and unknown ones
@@ -199,7 +199,7 @@ pub fn worst<'a>(rows: impl IntoIterator<Item = &'a InstanceHealth>) -> Verdict 
 pub async fn check<R: RunCommand>(
     runner: &R,
     instances: &[Instance],
-    command: &str,
+    command: &Command,
     timeout: Duration,
 ) -> Result<Vec<InstanceHealth>, CloudError> {
     let ids: Vec<String> = instances.iter().map(|i| i.id.clone()).collect();
@@ -242,7 +242,7 @@ pub async fn heal<R: RunCommand>(
     runner: &R,
     instances: &[Instance],
     rows: &mut [InstanceHealth],
-    command: &str,
+    command: &Command,
     timeout: Duration,
     settle: Duration,
 ) -> Result<Vec<Heal>, CloudError> {
@@ -254,7 +254,7 @@ pub async fn heal<R: RunCommand>(
         return Ok(Vec::new());
     }
     let ids: Vec<String> = sick.iter().map(|i| i.id.clone()).collect();
-    let restarts = runner.run(&ids, HEAL_COMMAND, timeout).await?;
+    let restarts = runner.run(&ids, &Command::RestartAgent, timeout).await?;
     let restarted: Vec<Instance> = sick
         .iter()
         .filter(|i| {

@@ -139,12 +139,42 @@ pub enum Invocation {
     TimedOut { reason: String },
 }
 
-/// Running a shell command on instances (SSM Run Command, or locally).
+/// What [`RunCommand`] runs. amictl's own commands are named, not spelled out: on AWS each
+/// is an SSM document of amictl's with one fixed command, which IAM can grant by itself
+/// (a document that takes a shell command is a root shell for whoever may send it); the
+/// local fleet runs the agent's command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// The agent's health check (`ami-agent check --json`): its exit code is the verdict.
+    Health,
+    /// The agent's clock measurement (`ami-agent drift`).
+    Drift,
+    /// Restarts the agent (`health --heal`).
+    RestartAgent,
+    /// A shell command of the operator's: the local fleet only.
+    Shell(String),
+    /// An SSM Command document of the operator's (AWS only), sent without parameters.
+    Document(String),
+}
+
+impl std::fmt::Display for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Command::Health => f.write_str("the health check"),
+            Command::Drift => f.write_str("the clock measurement"),
+            Command::RestartAgent => f.write_str("the agent restart"),
+            Command::Shell(c) => write!(f, "`{c}`"),
+            Command::Document(d) => write!(f, "document {d}"),
+        }
+    }
+}
+
+/// Running a command on instances (SSM Run Command, or locally).
 pub trait RunCommand: Send + Sync {
     fn run(
         &self,
         instance_ids: &[String],
-        command: &str,
+        command: &Command,
         timeout: Duration,
     ) -> impl Future<Output = Result<BTreeMap<String, Invocation>, CloudError>> + Send;
 }

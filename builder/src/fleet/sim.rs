@@ -13,8 +13,8 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::{
-    Alarms, CloudError, Compute, Instance, InstanceState, Invocation, Launch, LoadBalancer,
-    RunCommand, TargetState,
+    Alarms, CloudError, Command, Compute, Instance, InstanceState, Invocation, Launch,
+    LoadBalancer, RunCommand, TargetState,
 };
 
 #[derive(Debug, Clone, Default)]
@@ -303,7 +303,7 @@ impl RunCommand for SimCloud {
     async fn run(
         &self,
         ids: &[String],
-        _command: &str,
+        _command: &Command,
         _timeout: Duration,
     ) -> Result<BTreeMap<String, Invocation>, CloudError> {
         let mut w = self.enter()?;

@@ -311,6 +311,27 @@ pub async fn publish<S: SnapshotStore, R: ImageRegistry, U: Uploader>(
     };
     info!(%snapshot_id, digest = %uploaded.digest, blocks = uploaded.blocks_uploaded, "snapshot completed");
 
+    // Tagged (with the prefix) before anything else can fail: an imported snapshot has no
+    // tags until now, and the IAM policy lets a prefix delete only what carries its tag.
+    let spec = build_spec(
+        image,
+        &uploaded.digest,
+        &snapshot_id,
+        &opts.prefix,
+        opts.tpm_v2,
+        opts.omit_zero_blocks,
+    )?;
+    if let Err(source) = registry
+        .tag(std::slice::from_ref(&snapshot_id), &spec.tags)
+        .await
+    {
+        let cleanup = drop_snapshot().await;
+        return Err(PublishError::Tag {
+            what: snapshot_id.clone(),
+            cause: source,
+            cleanup,
+        });
+    }
     // The same content under another path (or a race with another publish).
     match find_available(
         registry,
@@ -340,25 +361,6 @@ pub async fn publish<S: SnapshotStore, R: ImageRegistry, U: Uploader>(
         }
     }
 
-    let spec = build_spec(
-        image,
-        &uploaded.digest,
-        &snapshot_id,
-        &opts.prefix,
-        opts.tpm_v2,
-        opts.omit_zero_blocks,
-    )?;
-    if let Err(source) = registry
-        .tag(std::slice::from_ref(&snapshot_id), &spec.tags)
-        .await
-    {
-        let cleanup = drop_snapshot().await;
-        return Err(PublishError::Tag {
-            what: snapshot_id.clone(),
-            cause: source,
-            cleanup,
-        });
-    }
     if cancel.is_cancelled() {
         let cleanup = drop_snapshot().await;
         return Err(PublishError::Interrupted { cleanup });

@@ -200,7 +200,7 @@ pub fn settings(
             parallel_azs: tuning.parallel_azs,
         },
         prefix: tuning.prefix.clone(),
-        health_command: state.health_command.clone(),
+        health: crate::fleet::Command::Shell(state.health_command.clone()),
         health_passes: tuning.health_passes.max(1),
         health_interval: Duration::from_millis(200),
         step_timeout: tuning.timeout,

@@ -1,6 +1,6 @@
 //! [`RunCommand`] for the local fleet: the command runs here, in the instance's directory,
-//! with the instance's address in `AMI_AGENT_CHECK_URL` (which `ami-agent check` reads), so
-//! the same health command works on EC2 through SSM and here.
+//! with the instance's address in `AMI_AGENT_CHECK_URL` (which `ami-agent check` reads):
+//! amictl's own commands are the agent's command lines, and shell commands run as given.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use super::process::is_alive;
 use super::state::Store;
-use crate::fleet::{CloudError, Invocation, RunCommand};
+use crate::fleet::{CloudError, Command, Invocation, RunCommand};
 
 /// The health command the local fleet runs by default (the agent's directory is first on
 /// PATH).
@@ -24,9 +24,25 @@ impl RunCommand for LocalRunCommand {
     async fn run(
         &self,
         instance_ids: &[String],
-        command: &str,
+        command: &Command,
         timeout: Duration,
     ) -> Result<BTreeMap<String, Invocation>, CloudError> {
+        let command = match command {
+            Command::Health => LOCAL_HEALTH_COMMAND,
+            Command::Drift => LOCAL_DRIFT_COMMAND,
+            Command::Shell(c) => c.as_str(),
+            // A dead or sick local instance is replaced, not restarted (`health --heal`).
+            Command::RestartAgent => {
+                return Err(CloudError::Other(
+                    "the local fleet replaces instances rather than restarting their agent".into(),
+                ))
+            }
+            Command::Document(d) => {
+                return Err(CloudError::Other(format!(
+                    "SSM document {d}: the local fleet runs shell commands (--health-command), not SSM documents"
+                )))
+            }
+        };
         let state = self.store.load()?;
         let agent_dir = state.agent.parent().map(PathBuf::from).unwrap_or_default();
         let path = match std::env::var_os("PATH") {

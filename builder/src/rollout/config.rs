@@ -6,8 +6,6 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-pub const DEFAULT_HEALTH_COMMAND: &str = "/run/current-system/sw/bin/ami-agent check --json";
-
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FleetFile {
@@ -19,7 +17,10 @@ pub struct FleetFile {
     pub instance_profile: Option<String>,
     pub target_group: Option<String>,
     pub prefix: Option<String>,
+    /// Local fleets only: on AWS the check is an SSM document (`health_document`).
     pub health_command: Option<String>,
+    /// An SSM Command document of the operator's, instead of amictl's `{prefix}HealthCheck`.
+    pub health_document: Option<String>,
     pub timeout: Option<u64>,
     pub max_surge: Option<usize>,
     pub alarms: Option<Vec<String>>,
@@ -43,7 +44,9 @@ pub struct FleetConfig {
     pub instance_profile: Option<String>,
     pub target_group: Option<String>,
     pub prefix: String,
-    pub health_command: String,
+    /// As given; [`crate::ssm::documents::on_aws`] makes the health gate of them.
+    pub health_command: Option<String>,
+    pub health_document: Option<String>,
     pub timeout: u64,
     pub max_surge: usize,
     pub alarms: Vec<String>,
@@ -132,10 +135,8 @@ pub fn merge(
         instance_profile: cli.instance_profile.or(f.instance_profile),
         target_group: cli.target_group.or(f.target_group),
         prefix: cli.prefix.or(f.prefix).unwrap_or_else(|| "amictl-".into()),
-        health_command: cli
-            .health_command
-            .or(f.health_command)
-            .unwrap_or_else(|| DEFAULT_HEALTH_COMMAND.into()),
+        health_command: cli.health_command.or(f.health_command),
+        health_document: cli.health_document.or(f.health_document),
         timeout: cli.timeout.or(f.timeout).unwrap_or(600),
         max_surge: cli.max_surge.or(f.max_surge).unwrap_or(1).max(1),
         alarms: cli.alarms.or(f.alarms).unwrap_or_default(),
@@ -165,7 +166,7 @@ mod tests {
         };
         let c = merge("web", cli, file.fleets.get("web")).unwrap();
         assert_eq!((c.ami.as_str(), c.per_az, c.max_surge), ("ami-flag", 3, 1));
-        assert_eq!(c.health_command, DEFAULT_HEALTH_COMMAND);
+        assert_eq!((c.health_command, c.health_document), (None, None));
         let e = merge(
             "api",
             FleetFile {

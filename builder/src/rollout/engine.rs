@@ -16,8 +16,8 @@ use tracing::{info, warn};
 
 use super::plan::{plan, Desired, Plan, Step};
 use crate::fleet::{
-    Alarms, CloudError, Compute, Instance, InstanceState, Invocation, Launch, LoadBalancer,
-    RunCommand, TargetState,
+    Alarms, CloudError, Command, Compute, Instance, InstanceState, Invocation, Launch,
+    LoadBalancer, RunCommand, TargetState,
 };
 
 #[derive(Debug, Clone)]
@@ -26,7 +26,8 @@ pub struct Settings {
     pub desired: Desired,
     /// Name tags: `{prefix}{fleet}-{az}-{n}`.
     pub prefix: String,
-    pub health_command: String,
+    /// The health gate: exit 0 passes.
+    pub health: Command,
     /// Consecutive passing health checks an instance needs.
     pub health_passes: u32,
     pub health_interval: Duration,
@@ -350,7 +351,7 @@ impl<'a, C: Compute, R: RunCommand, L: LoadBalancer, A: Alarms> Engine<'a, C, R,
             match self
                 .fx
                 .run
-                .run(&pending, &self.s.health_command, self.s.command_timeout)
+                .run(&pending, &self.s.health, self.s.command_timeout)
                 .await
             {
                 Ok(results) => {

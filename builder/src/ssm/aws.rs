@@ -4,8 +4,10 @@
 use aws_smithy_types::error::display::DisplayErrorContext;
 use aws_smithy_types::error::metadata::ProvideErrorMetadata;
 
+use aws_sdk_ssm::types::{DocumentFormat, DocumentType};
+
 use super::status::InvocationStatus;
-use super::{error_kind, SendRequest, SsmApi, SsmError};
+use super::{error_kind, SendRequest, SsmApi, SsmError, StoredDocument};
 use crate::aws::classify;
 
 #[derive(Clone)]
@@ -39,16 +41,16 @@ where
 
 impl SsmApi for AwsSsm {
     async fn send(&self, req: &SendRequest) -> Result<String, SsmError> {
-        let out = self
+        let mut send = self
             .ssm
             .send_command()
-            .document_name(req.document)
-            .set_instance_ids(Some(req.instance_ids.clone()))
-            .parameters("commands", req.commands.clone())
-            .parameters(
-                "executionTimeout",
-                vec![req.execution_timeout_secs.to_string()],
-            )
+            .document_name(&req.document)
+            .set_document_version(req.document_version.clone())
+            .set_instance_ids(Some(req.instance_ids.clone()));
+        if let Some(secs) = req.execution_timeout_secs {
+            send = send.parameters("executionTimeout", vec![secs.to_string()]);
+        }
+        let out = send
             .timeout_seconds(req.delivery_timeout_secs)
             .max_errors(&req.max_errors)
             .max_concurrency(&req.max_concurrency)
@@ -100,6 +102,89 @@ impl SsmApi for AwsSsm {
             .send()
             .await
             .map_err(|e| sort("ssm:CancelCommand", e))?;
+        Ok(())
+    }
+
+    async fn get_document(
+        &self,
+        name: &str,
+        version: Option<&str>,
+    ) -> Result<Option<StoredDocument>, SsmError> {
+        let out = match self
+            .ssm
+            .get_document()
+            .name(name)
+            .set_document_version(version.map(str::to_owned))
+            .document_format(DocumentFormat::Json)
+            .send()
+            .await
+            .map_err(|e| sort("ssm:GetDocument", e))
+        {
+            Ok(out) => out,
+            Err(SsmError::InvalidDocument(_)) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        Ok(Some(StoredDocument {
+            version: out.document_version().unwrap_or_default().to_owned(),
+            status: out
+                .status()
+                .map(|s| s.as_str().to_owned())
+                .unwrap_or_default(),
+            status_information: out.status_information().map(str::to_owned),
+            content: out.content().unwrap_or_default().to_owned(),
+        }))
+    }
+
+    async fn create_document(&self, name: &str, content: &str) -> Result<String, SsmError> {
+        let out = self
+            .ssm
+            .create_document()
+            .name(name)
+            .content(content)
+            .document_type(DocumentType::Command)
+            .document_format(DocumentFormat::Json)
+            .send()
+            .await
+            .map_err(|e| sort("ssm:CreateDocument", e))?;
+        Ok(out
+            .document_description()
+            .and_then(|d| d.document_version())
+            // A new document's first version.
+            .unwrap_or("1")
+            .to_owned())
+    }
+
+    async fn update_document(&self, name: &str, content: &str) -> Result<String, SsmError> {
+        let out = self
+            .ssm
+            .update_document()
+            .name(name)
+            .content(content)
+            .document_format(DocumentFormat::Json)
+            // SSM only takes new versions on top of the latest.
+            .document_version("$LATEST")
+            .send()
+            .await
+            .map_err(|e| sort("ssm:UpdateDocument", e))?;
+        out.document_description()
+            .and_then(|d| d.document_version())
+            .map(str::to_owned)
+            .ok_or_else(|| {
+                SsmError::Aws(crate::aws::AwsError::Other {
+                    action: "ssm:UpdateDocument",
+                    message: "the answer has no DocumentVersion".into(),
+                })
+            })
+    }
+
+    async fn set_default_version(&self, name: &str, version: &str) -> Result<(), SsmError> {
+        self.ssm
+            .update_document_default_version()
+            .name(name)
+            .document_version(version)
+            .send()
+            .await
+            .map_err(|e| sort("ssm:UpdateDocumentDefaultVersion", e))?;
         Ok(())
     }
 }

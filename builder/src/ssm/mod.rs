@@ -1,11 +1,15 @@
-//! Running a shell command on instances through SSM Run Command, as [`RunCommand`].
+//! Running amictl's commands on instances through SSM Run Command, as [`RunCommand`].
 //!
-//! One call is: SendCommand with the `AWS-RunShellScript` document, `commands=[command]`
-//! and `executionTimeout` (how long the script may run), `TimeoutSeconds` (how long SSM may
-//! try to deliver it), `MaxErrors = "100%"` (every instance's answer, not a stop at the
-//! first failure: a health check exists to find the failures) and `MaxConcurrency` =
-//! everything in the request at once. SendCommand takes at most 50 `InstanceIds`, so larger
-//! sets go in chunks of 50.
+//! Each of amictl's commands is an SSM document of amictl's with one fixed command
+//! ([`documents`]), made sure of before it is first sent and named in SendCommand with the
+//! version whose content amictl checked. An operator's own document may be sent instead;
+//! a shell command never is (IAM could not tell it from any other).
+//!
+//! One call is: SendCommand with the document, its `executionTimeout` (how long the command
+//! may run), `TimeoutSeconds` (how long SSM may try to deliver it), `MaxErrors = "100%"`
+//! (every instance's answer, not a stop at the first failure: a health check exists to
+//! find the failures) and `MaxConcurrency` = everything in the request at once.
+//! SendCommand takes at most 50 `InstanceIds`, so larger sets go in chunks of 50.
 //!
 //! One instance not registered with SSM (just launched, its agent still starting, or no
 //! instance profile) makes SendCommand fail with InvalidInstanceId for the whole chunk; the
@@ -20,28 +24,29 @@
 //! `crate::aws`), and on top of that the polling slows down to its slowest pace.
 
 pub mod aws;
+pub mod documents;
 pub mod status;
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use crate::aws::AwsError;
-use crate::fleet::{CloudError, Invocation, RunCommand};
+use crate::fleet::{CloudError, Command, Invocation, RunCommand};
 
 pub use self::aws::AwsSsm;
+pub use self::documents::Document;
 use self::status::{at_deadline, final_invocation, InvocationStatus};
 
-/// The SSM document that runs shell commands on Linux.
-pub const DOCUMENT: &str = "AWS-RunShellScript";
 /// SendCommand's limit on `InstanceIds`.
 pub const MAX_IDS_PER_SEND: usize = 50;
 /// SendCommand's smallest delivery timeout (`TimeoutSeconds`).
 const MIN_DELIVERY_TIMEOUT: Duration = Duration::from_secs(30);
-/// AWS-RunShellScript's largest `executionTimeout` (48 hours).
+/// The largest `executionTimeout` amictl's documents allow (48 hours, as AWS's own).
 const MAX_EXECUTION_TIMEOUT: Duration = Duration::from_secs(172_800);
 
 /// The first poll comes this long after SendCommand: a health check takes a second or
@@ -70,6 +75,15 @@ pub enum SsmError {
     /// Rate exceeded, after the SDK's own retries.
     #[error("throttled: {0}")]
     Throttled(String),
+    /// No such document (or version).
+    #[error("no such document: {0}")]
+    InvalidDocument(String),
+    /// CreateDocument: the name is taken.
+    #[error("DocumentAlreadyExists")]
+    DocumentAlreadyExists,
+    /// UpdateDocument: a version already holds the same content.
+    #[error("DuplicateDocumentContent")]
+    DuplicateDocumentContent,
     #[error(transparent)]
     Aws(#[from] AwsError),
 }
@@ -83,19 +97,32 @@ pub fn error_kind(code: Option<&str>, message: String) -> Option<SsmError> {
         | "Throttling"
         | "TooManyRequestsException"
         | "RequestLimitExceeded" => Some(SsmError::Throttled(message)),
+        "InvalidDocument" | "InvalidDocumentVersion" => Some(SsmError::InvalidDocument(message)),
+        "DocumentAlreadyExists" => Some(SsmError::DocumentAlreadyExists),
+        "DuplicateDocumentContent" => Some(SsmError::DuplicateDocumentContent),
         _ => None,
     }
+}
+
+/// A document to send: amictl's (a checked version, which takes `executionTimeout`) or
+/// the operator's (its default version, sent without parameters).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub document: String,
+    pub version: Option<String>,
+    pub takes_timeout: bool,
 }
 
 /// A SendCommand request (pure data, see [`send_request`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SendRequest {
     pub instance_ids: Vec<String>,
-    pub document: &'static str,
-    /// The `commands` parameter: one shell script.
-    pub commands: Vec<String>,
-    /// The `executionTimeout` parameter, in seconds.
-    pub execution_timeout_secs: u64,
+    pub document: String,
+    /// The version whose content amictl checked: a default changed meanwhile does not
+    /// change what runs.
+    pub document_version: Option<String>,
+    /// The `executionTimeout` parameter, in seconds (amictl's documents only).
+    pub execution_timeout_secs: Option<u64>,
     /// `TimeoutSeconds`: how long SSM tries to deliver the command.
     pub delivery_timeout_secs: i32,
     pub max_errors: String,
@@ -103,20 +130,20 @@ pub struct SendRequest {
     pub comment: String,
 }
 
-/// The SendCommand request that runs `command` on `ids` within `timeout` (pure).
-pub fn send_request(ids: &[String], command: &str, timeout: Duration) -> SendRequest {
+/// The SendCommand request that runs `target` on `ids` within `timeout` (pure).
+pub fn send_request(ids: &[String], target: &Target, timeout: Duration) -> SendRequest {
     let execution = timeout.clamp(Duration::from_secs(1), MAX_EXECUTION_TIMEOUT);
     let delivery = timeout.max(MIN_DELIVERY_TIMEOUT);
     // Comment is limited to 100 characters.
-    let mut comment = format!("amictl: {command}");
+    let mut comment = format!("amictl: {}", target.document);
     if comment.chars().count() > 100 {
         comment = comment.chars().take(97).collect::<String>() + "...";
     }
     SendRequest {
         instance_ids: ids.to_vec(),
-        document: DOCUMENT,
-        commands: vec![command.to_owned()],
-        execution_timeout_secs: execution.as_secs(),
+        document: target.document.clone(),
+        document_version: target.version.clone(),
+        execution_timeout_secs: target.takes_timeout.then_some(execution.as_secs()),
         delivery_timeout_secs: i32::try_from(delivery.as_secs()).unwrap_or(i32::MAX),
         max_errors: "100%".into(),
         max_concurrency: MAX_IDS_PER_SEND.to_string(),
@@ -138,6 +165,16 @@ pub fn chunks(ids: &[String]) -> Vec<Vec<String>> {
         .collect()
 }
 
+/// One version of a document as GetDocument answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredDocument {
+    pub version: String,
+    /// Creating, Active, Updating, Deleting, Failed.
+    pub status: String,
+    pub status_information: Option<String>,
+    pub content: String,
+}
+
 /// The SSM calls Run Command needs, in front of aws-sdk-ssm so the waiting logic can be
 /// tested with a scripted fake.
 pub trait SsmApi: Send + Sync {
@@ -155,25 +192,100 @@ pub trait SsmApi: Send + Sync {
         command_id: &str,
         instance_ids: &[String],
     ) -> impl Future<Output = Result<(), SsmError>> + Send;
+    /// GetDocument of `version` (a number or `$LATEST`; None: the default), in JSON; None
+    /// when there is no such document or version.
+    fn get_document(
+        &self,
+        name: &str,
+        version: Option<&str>,
+    ) -> impl Future<Output = Result<Option<StoredDocument>, SsmError>> + Send;
+    /// CreateDocument of a Command document in JSON; the version made.
+    fn create_document(
+        &self,
+        name: &str,
+        content: &str,
+    ) -> impl Future<Output = Result<String, SsmError>> + Send;
+    /// UpdateDocument of the latest version; the version made.
+    fn update_document(
+        &self,
+        name: &str,
+        content: &str,
+    ) -> impl Future<Output = Result<String, SsmError>> + Send;
+    /// UpdateDocumentDefaultVersion.
+    fn set_default_version(
+        &self,
+        name: &str,
+        version: &str,
+    ) -> impl Future<Output = Result<(), SsmError>> + Send;
 }
 
 /// [`RunCommand`] through SSM. `timeout` in [`RunCommand::run`] is how long the command
 /// may run and, with a little grace for SSM's verdict, how long the call waits.
 pub struct SsmRunCommand<A = AwsSsm> {
     api: A,
+    /// amictl's documents are `{prefix}HealthCheck`, ...
+    prefix: String,
+    /// The version of each of amictl's documents checked in this process.
+    versions: Mutex<BTreeMap<Document, String>>,
 }
 
 impl SsmRunCommand<AwsSsm> {
-    pub fn new(config: &aws_config::SdkConfig) -> Self {
-        SsmRunCommand {
-            api: AwsSsm::new(config),
-        }
+    pub fn new(config: &aws_config::SdkConfig, prefix: &str) -> Self {
+        Self::with_api(AwsSsm::new(config), prefix)
     }
 }
 
 impl<A: SsmApi> SsmRunCommand<A> {
-    pub fn with_api(api: A) -> Self {
-        SsmRunCommand { api }
+    pub fn with_api(api: A, prefix: &str) -> Self {
+        SsmRunCommand {
+            api,
+            prefix: prefix.to_owned(),
+            versions: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Makes sure amictl's `documents` exist here with amictl's content, before anything
+    /// depends on them (a rollout, before it launches anything). [`RunCommand::run`] does
+    /// the same for a document on its first use.
+    pub async fn prepare(&self, documents: &[Document]) -> Result<(), CloudError> {
+        for d in documents {
+            self.version(*d).await?;
+        }
+        Ok(())
+    }
+
+    async fn version(&self, document: Document) -> Result<String, CloudError> {
+        if let Some(v) = self.versions.lock().expect("not poisoned").get(&document) {
+            return Ok(v.clone());
+        }
+        let v = documents::ensure(&self.api, document, &self.prefix).await?;
+        debug!(document = %document.name(&self.prefix), version = %v, "SSM document ready");
+        self.versions
+            .lock()
+            .expect("not poisoned")
+            .insert(document, v.clone());
+        Ok(v)
+    }
+
+    async fn target(&self, command: &Command) -> Result<Target, CloudError> {
+        match command {
+            Command::Shell(c) => Err(CloudError::Other(format!(
+                "`{c}`: SSM runs documents of amictl's or of yours, not shell commands (use the local fleet for those)"
+            ))),
+            Command::Document(name) => Ok(Target {
+                document: name.clone(),
+                version: None,
+                takes_timeout: false,
+            }),
+            builtin => {
+                let d = Document::of(builtin).expect("every other command is amictl's");
+                Ok(Target {
+                    document: d.name(&self.prefix),
+                    version: Some(self.version(d).await?),
+                    takes_timeout: true,
+                })
+            }
+        }
     }
 
     /// Sends `req`, waiting out throttling until `deadline`.
@@ -238,6 +350,11 @@ impl<A: SsmApi> SsmRunCommand<A> {
                         break;
                     }
                     Err(SsmError::Aws(e)) => return Err(e.into()),
+                    Err(
+                        e @ (SsmError::InvalidDocument(_)
+                        | SsmError::DocumentAlreadyExists
+                        | SsmError::DuplicateDocumentContent),
+                    ) => return Err(CloudError::Other(format!("ssm:GetCommandInvocation: {e}"))),
                 }
                 still.push(p);
             }
@@ -304,14 +421,18 @@ impl<A: SsmApi> RunCommand for SsmRunCommand<A> {
     async fn run(
         &self,
         instance_ids: &[String],
-        command: &str,
+        command: &Command,
         timeout: Duration,
     ) -> Result<BTreeMap<String, Invocation>, CloudError> {
+        if instance_ids.is_empty() {
+            return Ok(BTreeMap::new());
+        }
+        let target = self.target(command).await?;
         let deadline = Instant::now() + timeout + GRACE;
         let mut results = BTreeMap::new();
         let mut pending = Vec::new();
         for chunk in chunks(instance_ids) {
-            let req = send_request(&chunk, command, timeout);
+            let req = send_request(&chunk, &target, timeout);
             match self.send(&req, deadline).await {
                 Ok(command_id) => {
                     debug!(%command_id, instances = chunk.len(), "sent");
@@ -325,7 +446,7 @@ impl<A: SsmApi> RunCommand for SsmRunCommand<A> {
                 Err(SsmError::InvalidInstanceId(m)) if chunk.len() > 1 => {
                     debug!(%m, "an instance is not registered with SSM: sending one by one");
                     for id in chunk {
-                        let single = send_request(std::slice::from_ref(&id), command, timeout);
+                        let single = send_request(std::slice::from_ref(&id), &target, timeout);
                         match self.send(&single, deadline).await {
                             Ok(command_id) => pending.push(Pending {
                                 command_id,

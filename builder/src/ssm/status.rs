@@ -73,7 +73,9 @@ pub fn final_invocation(s: &InvocationStatus) -> Option<Invocation> {
         "terminated" => {
             Some("SSM cancelled the invocation before it ran (the command hit MaxErrors)")
         }
-        "invalidplatform" => Some("the instance's platform cannot run AWS-RunShellScript"),
+        "invalidplatform" => {
+            Some("the instance's platform cannot run a shell script (aws:runShellScript)")
+        }
         "accessdenied" => Some("the instance's SSM agent was denied the command"),
         _ => None,
     };

@@ -116,6 +116,7 @@ pub fn beneath(upper: Option<&FleetFile>, lower: FleetFile) -> FleetFile {
         target_group: u.target_group.or(lower.target_group),
         prefix: u.prefix.or(lower.prefix),
         health_command: u.health_command.or(lower.health_command),
+        health_document: u.health_document.or(lower.health_document),
         timeout: u.timeout.or(lower.timeout),
         max_surge: u.max_surge.or(lower.max_surge),
         alarms: u.alarms.or(lower.alarms),

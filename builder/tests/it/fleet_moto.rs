@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use amictl::fleet::ec2::{spec_digest, Ec2Compute, Ec2LaunchSettings, TAG_MANAGED_BY};
 use amictl::fleet::{
-    CloudError, Compute, InstanceState, Invocation, Launch, Placement, RunCommand, TAG_FLEET,
-    TAG_IMAGE, TAG_ROLLOUT, TAG_SPEC,
+    CloudError, Command, Compute, InstanceState, Invocation, Launch, Placement, RunCommand,
+    TAG_FLEET, TAG_IMAGE, TAG_ROLLOUT, TAG_SPEC,
 };
 use amictl::ssm::SsmRunCommand;
 use aws_sdk_ec2::types::{
@@ -252,9 +252,9 @@ async fn ssm_run_command_answers_for_every_instance() {
     let w = world(&moto).await;
     let compute = Ec2Compute::with_client(w.ec2.clone(), w.settings.clone());
     let ids = launch_fleet(&w, &compute, "web").await;
-    let runner = SsmRunCommand::new(&moto.sdk_config().await);
+    let runner = SsmRunCommand::new(&moto.sdk_config().await, "amictl-");
     let out = runner
-        .run(&ids, "echo hello", Duration::from_secs(30))
+        .run(&ids, &Command::Health, Duration::from_secs(30))
         .await
         .unwrap();
     assert_eq!(out.len(), 2);

@@ -841,6 +841,39 @@ fn scopes_and_target_narrow_the_policy() {
 }
 
 #[test]
+fn split_writes_managed_policies_within_the_limit_that_add_up_to_the_whole() {
+    let wide = [
+        "--account",
+        "123456789012",
+        "--region",
+        "us-east-1",
+        "--region",
+        "eu-west-1",
+        "--region",
+        "us-west-2",
+    ];
+    let (_, whole) = printed_policy(&wide);
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = wide.to_vec();
+    args.extend(["--split", dir.path().to_str().unwrap()]);
+    let out = amictl(&args);
+    assert_eq!(out.status.code(), Some(0));
+    let listing = String::from_utf8(out.stdout).unwrap();
+    let mut statements = Vec::new();
+    for (i, line) in listing.lines().enumerate() {
+        let path = dir.path().join(format!("amictl-policy-{}.json", i + 1));
+        assert!(line.starts_with(path.to_str().unwrap()), "{line}");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let part: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let size = serde_json::to_string(&part).unwrap().len();
+        assert!(size <= 6144, "{} is {size} characters", path.display());
+        statements.extend(part["Statement"].as_array().unwrap().iter().cloned());
+    }
+    assert!(listing.lines().count() >= 2, "{listing}");
+    assert_eq!(&statements, whole["Statement"].as_array().unwrap());
+}
+
+#[test]
 fn invalid_input_prints_nothing_and_exits_2() {
     for args in [
         &["--account", "12345"][..],

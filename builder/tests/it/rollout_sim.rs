@@ -35,7 +35,7 @@ fn settings(image: &str, surge: usize, parallel: bool) -> Settings {
             parallel_azs: parallel,
         },
         prefix: "t-".into(),
-        health_command: "ami-agent check --json".into(),
+        health: amictl::fleet::Command::Health,
         health_passes: 2,
         health_interval: Duration::from_secs(5),
         step_timeout: Duration::from_secs(300),

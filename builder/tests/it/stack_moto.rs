@@ -233,6 +233,27 @@ async fn deploys_rolls_out_into_and_deletes_a_stack() {
     let ids: Vec<&str> = instances.iter().map(|i| i.0.as_str()).collect();
     assert_eq!(registered, ids);
 
+    // The stack made amictl's SSM documents with amictl's content: `health` with the
+    // stack's prefix sends them and writes nothing. (moto: GetDocument must ask for JSON;
+    // in the YAML the template stores, it answers an object where a string belongs.)
+    let ssm = aws_sdk_ssm::Client::new(&config);
+    for d in amictl::ssm::Document::ALL {
+        let got = ssm
+            .get_document()
+            .name(d.name("t1-"))
+            .document_format(aws_sdk_ssm::types::DocumentFormat::Json)
+            .send()
+            .await
+            .unwrap();
+        assert!(d.is_content(got.content().unwrap()), "{d:?}: {got:?}");
+    }
+    let (code, _, err) = run(&moto, st, &["health", "--fleet", "web", "--prefix", "t1-"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        !err.contains("created SSM document") && !err.contains("writing a new version"),
+        "{err}"
+    );
+
     // The fleet keeps the stack: nothing is deleted, and the error says what to do.
     let (code, _, err) = run(&moto, st, &["stack", "delete", "--name", STACK, "--yes"]);
     assert_eq!(code, 1, "{err}");

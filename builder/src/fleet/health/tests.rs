@@ -182,15 +182,15 @@ fn table_rows() {
 /// Answers from a script keyed by (command, instance); records every run.
 struct Scripted {
     answers: Mutex<BTreeMap<(String, String), Vec<Invocation>>>,
-    runs: Mutex<Vec<(String, Vec<String>)>>,
+    runs: Mutex<Vec<(Command, Vec<String>)>>,
 }
 
 impl Scripted {
-    fn new(script: &[(&str, &str, Invocation)]) -> Self {
+    fn new(script: &[(Command, &str, Invocation)]) -> Self {
         let mut answers: BTreeMap<(String, String), Vec<Invocation>> = BTreeMap::new();
         for (cmd, id, inv) in script {
             answers
-                .entry((cmd.to_string(), id.to_string()))
+                .entry((format!("{cmd:?}"), id.to_string()))
                 .or_default()
                 .push(inv.clone());
         }
@@ -205,18 +205,18 @@ impl RunCommand for Scripted {
     async fn run(
         &self,
         ids: &[String],
-        command: &str,
+        command: &Command,
         _timeout: Duration,
     ) -> Result<BTreeMap<String, Invocation>, CloudError> {
         self.runs
             .lock()
             .unwrap()
-            .push((command.into(), ids.to_vec()));
+            .push((command.clone(), ids.to_vec()));
         let mut answers = self.answers.lock().unwrap();
         Ok(ids
             .iter()
             .filter_map(|id| {
-                let q = answers.get_mut(&(command.to_owned(), id.clone()))?;
+                let q = answers.get_mut(&(format!("{command:?}"), id.clone()))?;
                 let a = if q.len() > 1 {
                     q.remove(0)
                 } else {
@@ -230,7 +230,8 @@ impl RunCommand for Scripted {
 
 #[tokio::test(start_paused = true)]
 async fn heal_restarts_the_unhealthy_and_checks_them_again() {
-    let c = "check";
+    let c = Command::Health;
+    let restart = Command::RestartAgent;
     let fleet = vec![
         instance("i-ok"),
         instance("i-sick"),
@@ -238,15 +239,19 @@ async fn heal_restarts_the_unhealthy_and_checks_them_again() {
         instance("i-stuck"),
     ];
     let runner = Scripted::new(&[
-        (c, "i-ok", exited(0, "")),
-        (c, "i-sick", exited(2, "")),
-        (c, "i-sick", exited(0, "")),
-        (c, "i-gone", Invocation::Unreachable { reason: "x".into() }),
-        (c, "i-stuck", exited(2, "")),
-        (HEAL_COMMAND, "i-sick", exited(0, "")),
-        (HEAL_COMMAND, "i-stuck", exited(5, "")),
+        (c.clone(), "i-ok", exited(0, "")),
+        (c.clone(), "i-sick", exited(2, "")),
+        (c.clone(), "i-sick", exited(0, "")),
+        (
+            c.clone(),
+            "i-gone",
+            Invocation::Unreachable { reason: "x".into() },
+        ),
+        (c.clone(), "i-stuck", exited(2, "")),
+        (restart.clone(), "i-sick", exited(0, "")),
+        (restart.clone(), "i-stuck", exited(5, "")),
     ]);
-    let mut rows = check(&runner, &fleet, c, Duration::from_secs(30))
+    let mut rows = check(&runner, &fleet, &c, Duration::from_secs(30))
         .await
         .unwrap();
     assert_eq!(worst(&rows), Verdict::Unhealthy);
@@ -254,7 +259,7 @@ async fn heal_restarts_the_unhealthy_and_checks_them_again() {
         &runner,
         &fleet,
         &mut rows,
-        c,
+        &c,
         Duration::from_secs(30),
         Duration::from_secs(10),
     )
@@ -280,12 +285,9 @@ async fn heal_restarts_the_unhealthy_and_checks_them_again() {
     let runs = runner.runs.lock().unwrap().clone();
     assert_eq!(
         runs[1],
-        (
-            HEAL_COMMAND.to_owned(),
-            vec!["i-sick".to_owned(), "i-stuck".to_owned()]
-        )
+        (restart, vec!["i-sick".to_owned(), "i-stuck".to_owned()])
     );
-    assert_eq!(runs[2], (c.to_owned(), vec!["i-sick".to_owned()]));
+    assert_eq!(runs[2], (c, vec!["i-sick".to_owned()]));
     let status: Vec<Verdict> = rows.iter().map(|r| r.status).collect();
     assert_eq!(
         status,
@@ -305,9 +307,14 @@ async fn heal_restarts_the_unhealthy_and_checks_them_again() {
 #[tokio::test]
 async fn an_instance_without_an_answer_is_unhealthy() {
     let runner = Scripted::new(&[]);
-    let rows = check(&runner, &[instance("i-1")], "check", Duration::from_secs(1))
-        .await
-        .unwrap();
+    let rows = check(
+        &runner,
+        &[instance("i-1")],
+        &Command::Health,
+        Duration::from_secs(1),
+    )
+    .await
+    .unwrap();
     assert_eq!(rows[0].status, Verdict::Unhealthy);
     assert_eq!(rows[0].outcome, "unreachable");
 }
