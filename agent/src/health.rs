@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, instrument, warn};
 
 use crate::http::{bind, Acceptor, Server};
-use crate::manifest::{is_resource_exhaustion, FileEntry, Mismatch};
+use crate::manifest::{is_resource_exhaustion, ContentHasher, FileEntry, Mismatch};
 use crate::notify::{Notice, Notifier};
 use crate::state::{now_unix, AgentState, Load, SelfCheck};
 
@@ -175,7 +175,9 @@ impl<N: Notifier, L: Listener> HealthLoop<N, L> {
     ) -> Result<Self, reqwest::Error> {
         let client = reqwest::Client::builder()
             .no_proxy()
-            .timeout(config.request_timeout)
+            // `fetch_path` bounds each fetch's waiting; a total timeout here would also
+            // count the hashing of the body as it arrives.
+            .connect_timeout(config.request_timeout)
             // A fresh connection per fetch: a kept-alive one could hide a dead listener.
             .pool_max_idle_per_host(0)
             .build()?;
@@ -376,7 +378,7 @@ impl<N: Notifier, L: Listener> HealthLoop<N, L> {
         for &i in &window {
             let entry = &self.state.site.manifest.files[i];
             let body = self.fetch_path(&entry.path).await?;
-            if let Some(m) = entry.mismatch(&body) {
+            if let Some(m) = body.mismatch(entry) {
                 return Err(FetchError::Wrong(format!("/{} served {m}", entry.path)));
             }
         }
@@ -384,9 +386,16 @@ impl<N: Notifier, L: Listener> HealthLoop<N, L> {
         Ok(window.len())
     }
 
-    async fn fetch_path(&self, path: &str) -> Result<bytes::Bytes, FetchError> {
+    /// Fetches `path` through the listener, hashing the body as it arrives: a check holds
+    /// one chunk at a time, not a whole file (a file of several MiB on the heap stays in
+    /// the allocator's pools long after the check). `request_timeout` bounds the time spent
+    /// waiting for the server, not the hashing in between.
+    async fn fetch_path(&self, path: &str) -> Result<ContentHasher, FetchError> {
         let url = format!("http://{}/{}", self.listener.self_addr(), encode_path(path));
-        let response = self.client.get(&url).send().await.map_err(|e| {
+        let timed_out = || FetchError::Unreachable(format!("GET {url}: timed out"));
+        let mut wait = self.config.request_timeout;
+        let sent = within(&mut wait, self.client.get(&url).send()).await;
+        let mut response = sent.ok_or_else(timed_out)?.map_err(|e| {
             if caused_by_exhaustion(&e) {
                 FetchError::Starved(format!("GET {url}: {e}"))
             } else if e.is_connect() || e.is_timeout() {
@@ -401,11 +410,28 @@ impl<N: Notifier, L: Listener> HealthLoop<N, L> {
                 response.status()
             )));
         }
-        response
-            .bytes()
-            .await
-            .map_err(|e| FetchError::Unreachable(format!("GET {url}: reading the body: {e}")))
+        let mut body = ContentHasher::default();
+        loop {
+            let chunk = within(&mut wait, response.chunk())
+                .await
+                .ok_or_else(timed_out)?
+                .map_err(|e| {
+                    FetchError::Unreachable(format!("GET {url}: reading the body: {e}"))
+                })?;
+            let Some(chunk) = chunk else { break };
+            body.update(&chunk);
+        }
+        Ok(body)
     }
+}
+
+/// Awaits `step` within what is left of `budget`, and takes the time it waited from it;
+/// `None` when the budget ran out.
+async fn within<T>(budget: &mut Duration, step: impl Future<Output = T>) -> Option<T> {
+    let started = tokio::time::Instant::now();
+    let out = tokio::time::timeout(*budget, step).await.ok();
+    *budget = budget.saturating_sub(started.elapsed());
+    out
 }
 
 /// Whether an error comes from running out of descriptors or memory somewhere in its chain.

@@ -164,17 +164,9 @@ impl FileEntry {
 
     /// Compares bytes with this entry.
     pub fn mismatch(&self, bytes: &[u8]) -> Option<Mismatch> {
-        if bytes.len() as u64 != self.size {
-            return Some(Mismatch::Size {
-                expected: self.size,
-                actual: bytes.len() as u64,
-            });
-        }
-        let actual = sha256_hex(bytes);
-        (actual != self.sha256).then(|| Mismatch::Digest {
-            expected: self.sha256.clone(),
-            actual,
-        })
+        let mut hasher = ContentHasher::default();
+        hasher.update(bytes);
+        hasher.mismatch(self)
     }
 
     /// Compares the file at `root/path` with this entry, streaming it through the hash.
@@ -203,16 +195,12 @@ impl FileEntry {
                 }))
             }
         };
-        let mut hasher = Sha256::new();
+        let mut hasher = ContentHasher::default();
         let mut buf = vec![0u8; 64 * 1024];
-        let mut size = 0u64;
         loop {
             match file.read(&mut buf) {
                 Ok(0) => break,
-                Ok(n) => {
-                    size += n as u64;
-                    hasher.update(&buf[..n]);
-                }
+                Ok(n) => hasher.update(&buf[..n]),
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) if is_resource_exhaustion(&e) => return Err(e),
                 Err(e) => {
@@ -222,17 +210,37 @@ impl FileEntry {
                 }
             }
         }
-        if size != self.size {
-            return Ok(Some(Mismatch::Size {
-                expected: self.size,
-                actual: size,
-            }));
+        Ok(hasher.mismatch(self))
+    }
+}
+
+/// Size and sha256 of content seen in pieces, to compare a file or a response body with
+/// its entry without holding all of it.
+#[derive(Default)]
+pub struct ContentHasher {
+    hasher: Sha256,
+    size: u64,
+}
+
+impl ContentHasher {
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.size += bytes.len() as u64;
+        self.hasher.update(bytes);
+    }
+
+    /// Compares everything seen so far with `entry`.
+    pub fn mismatch(self, entry: &FileEntry) -> Option<Mismatch> {
+        if self.size != entry.size {
+            return Some(Mismatch::Size {
+                expected: entry.size,
+                actual: self.size,
+            });
         }
-        let actual = hex::encode(hasher.finalize());
-        Ok((actual != self.sha256).then(|| Mismatch::Digest {
-            expected: self.sha256.clone(),
+        let actual = hex::encode(self.hasher.finalize());
+        (actual != entry.sha256).then(|| Mismatch::Digest {
+            expected: entry.sha256.clone(),
             actual,
-        }))
+        })
     }
 }
 

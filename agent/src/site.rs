@@ -2,14 +2,20 @@
 //! response headers precomputed, so serving never touches the disk and a damaged disk
 //! copy can always be healed from here.
 
+pub mod sealed;
+
 use std::collections::HashMap;
+use std::io::Read;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue};
+use tracing::warn;
 
-use crate::manifest::{FileEntry, Manifest, Mismatch};
+use self::sealed::Sealed;
+use crate::manifest::{ContentHasher, FileEntry, Manifest, Mismatch};
 
 #[derive(Debug)]
 pub struct Asset {
@@ -29,12 +35,21 @@ pub struct Site {
     /// The manifest as published at `/manifest.json`.
     pub manifest_json: Bytes,
     assets: HashMap<String, Arc<Asset>>,
+    sealed: Option<Arc<Sealed>>,
+}
+
+/// Where a verified file's bytes went while loading.
+enum Stored {
+    Heap(Bytes),
+    At(Range<usize>),
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum SiteError {
     #[error(transparent)]
     Manifest(#[from] crate::manifest::ManifestError),
+    #[error("cannot keep the content in memory: {0}")]
+    Store(#[source] std::io::Error),
     #[error("{} does not match its manifest (release {version}), refusing to serve a broken release:\n{}", root.display(), list(.mismatches))]
     Mismatch {
         root: PathBuf,
@@ -59,28 +74,32 @@ impl Site {
             Some(m) => m,
             None => Manifest::from_dir(root, &version_from_root(root))?,
         };
-        let mut assets = HashMap::with_capacity(manifest.files.len());
+        // Content goes into one sealed memfd as it is verified (see `sealed`), or stays on
+        // the heap where memfds are not allowed: served the same, only copied per write.
+        let mut store = match sealed::Writer::new() {
+            Ok(writer) => Some(writer),
+            Err(e) => {
+                warn!(error = %e, "cannot create a memfd: content stays on the heap and large files are copied into each response");
+                None
+            }
+        };
+        let mut verified = Vec::with_capacity(manifest.files.len());
         let mut mismatches = Vec::new();
         for entry in &manifest.files {
-            match std::fs::read(root.join(&entry.path)) {
-                Ok(bytes) => match entry.mismatch(&bytes) {
-                    None => {
-                        assets.insert(
-                            entry.path.clone(),
-                            Arc::new(Asset::new(entry.clone(), bytes.into())),
-                        );
-                    }
-                    Some(m) => mismatches.push((entry.path.clone(), m)),
-                },
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    mismatches.push((entry.path.clone(), Mismatch::Missing))
-                }
-                Err(e) => mismatches.push((
-                    entry.path.clone(),
-                    Mismatch::Unreadable {
-                        error: e.to_string(),
+            let path = root.join(&entry.path);
+            let loaded = match &mut store {
+                Some(writer) => stream_into(writer, &path, entry)?.map(Stored::At),
+                None => match std::fs::read(&path) {
+                    Ok(bytes) => match entry.mismatch(&bytes) {
+                        None => Ok(Stored::Heap(bytes.into())),
+                        Some(m) => Err(m),
                     },
-                )),
+                    Err(e) => Err(unreadable(e)),
+                },
+            };
+            match loaded {
+                Ok(body) => verified.push((entry, body)),
+                Err(m) => mismatches.push((entry.path.clone(), m)),
             }
         }
         if !mismatches.is_empty() {
@@ -90,11 +109,36 @@ impl Site {
                 mismatches,
             });
         }
+        let sealed = match store {
+            Some(writer) => writer.seal().map_err(SiteError::Store)?,
+            None => None,
+        };
+        let assets = verified
+            .into_iter()
+            .map(|(entry, body)| {
+                let body = match body {
+                    Stored::Heap(bytes) => bytes,
+                    Stored::At(range) => {
+                        sealed.as_ref().map_or_else(Bytes::new, |s| s.bytes(range))
+                    }
+                };
+                (
+                    entry.path.clone(),
+                    Arc::new(Asset::new(entry.clone(), body)),
+                )
+            })
+            .collect();
         Ok(Site {
             manifest_json: Bytes::from(manifest.to_json()),
             manifest,
             assets,
+            sealed,
         })
+    }
+
+    /// The memfd holding the content, when there is one: what `sendfile` sends from.
+    pub fn sealed(&self) -> Option<&Arc<Sealed>> {
+        self.sealed.as_ref()
     }
 
     pub fn get(&self, path: &str) -> Option<&Arc<Asset>> {
@@ -103,6 +147,46 @@ impl Site {
 
     pub fn version(&self) -> &str {
         &self.manifest.version
+    }
+}
+
+/// Copies a file into the store while hashing it, a chunk at a time: loading never holds
+/// a whole file on the heap. The outer error is the store's, the inner one the file's.
+fn stream_into(
+    writer: &mut sealed::Writer,
+    path: &Path,
+    entry: &FileEntry,
+) -> Result<Result<Range<usize>, Mismatch>, SiteError> {
+    let mut file = match std::fs::File::open(path) {
+        Ok(file) => file,
+        Err(e) => return Ok(Err(unreadable(e))),
+    };
+    let start = writer.position();
+    let mut hasher = ContentHasher::default();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match file.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Ok(Err(unreadable(e))),
+        };
+        hasher.update(&buf[..n]);
+        writer.append(&buf[..n]).map_err(SiteError::Store)?;
+    }
+    Ok(match hasher.mismatch(entry) {
+        None => Ok(start..writer.position()),
+        Some(m) => Err(m),
+    })
+}
+
+fn unreadable(e: std::io::Error) -> Mismatch {
+    if e.kind() == std::io::ErrorKind::NotFound {
+        Mismatch::Missing
+    } else {
+        Mismatch::Unreadable {
+            error: e.to_string(),
+        }
     }
 }
 

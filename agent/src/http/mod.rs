@@ -4,6 +4,7 @@
 pub mod conn;
 pub mod headers;
 pub mod response;
+pub mod sendfile;
 
 use std::convert::Infallible;
 use std::io;
@@ -335,6 +336,7 @@ async fn serve_connection(inner: Arc<Inner>, stream: TcpStream, peer: SocketAddr
     let _ = stream.set_nodelay(true);
     let registration = inner.registry.register();
     let shared = registration.shared.clone();
+    let stream = sendfile::Socket::new(stream, inner.state.site.sealed().cloned());
     let stream = conn::Guarded::new(stream, shared.clone(), inner.limits);
     let expired = stream.expired();
     let state = inner.state.clone();
