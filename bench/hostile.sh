@@ -334,7 +334,7 @@ printf '%-30s %-6s %10s %5s %9s %7s %7s %7s %7s %6s %6s\n' "" "" "served" "" "(s
 cat "$TMP/report"
 echo
 echo "(RSS: VmRSS, nginx master + worker summed; peak sampled every 0.5 s; socks: the server's open sockets, listener included)"
-if grep -qiE 'panic|error' "$TMP/agent.log" 2>/dev/null; then
-    echo "agent log (errors, last 5):"
-    grep -iE 'panic|error' "$TMP/agent.log" | tail -n 5 | sed 's/^/  /'
+if grep -qE 'WARN|ERROR|panic' "$TMP/agent.log" 2>/dev/null; then
+    echo "agent log (warnings and errors of all attacks, last 5):"
+    grep -E 'WARN|ERROR|panic' "$TMP/agent.log" | tail -n 5 | sed 's/^/  /'
 fi
