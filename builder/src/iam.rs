@@ -74,7 +74,7 @@ pub struct Grant {
     /// Each action with the scopes that need it.
     pub actions: &'static [(&'static [Scope], &'static str)],
     /// ARN templates: `{partition}`, `{region}` (one ARN per `--region`, `*` without),
-    /// `{account}` (`*` without `--account`), `{prefix}`, `{change_set_prefix}` and
+    /// `{account}` (`*` without `--account`), `{prefix}` and
     /// `{amazonaws}` (the service principal domain(s) of the partition).
     pub resources: &'static [&'static str],
     pub conditions: &'static [Condition],
@@ -82,9 +82,6 @@ pub struct Grant {
 
 /// The tag every fleet instance carries ([`crate::fleet::TAG_FLEET`]).
 pub const FLEET_TAG: &str = "amictl:fleet";
-/// What `stack::plan::change_set_name` starts every change set's name with, whatever the
-/// prefix.
-pub const CHANGE_SET_PREFIX: &str = "amictl-";
 /// amictl's SSM documents ([`crate::ssm::Document`]): `{prefix}*` before the name, like
 /// the stack's other names, so a policy for `amictl-pr-` covers `amictl-pr-7-HealthCheck`.
 const HEALTH_CHECK_DOCUMENT: &str =
@@ -819,7 +816,6 @@ impl Target {
             "region" if self.regions.is_empty() => vec!["*".into()],
             "region" => self.regions.clone(),
             "prefix" => vec![self.prefix.clone()],
-            "change_set_prefix" => vec![CHANGE_SET_PREFIX.into()],
             // Service principals in the China regions are documented under both domains;
             // a condition listing both matches either.
             "amazonaws" if self.partition == "aws-cn" => {
@@ -1379,9 +1375,6 @@ mod tests {
     #[test]
     fn names_match_the_rest_of_amictl() {
         assert_eq!(crate::stack::names::DEFAULT_PREFIX, "amictl-");
-        assert!(
-            crate::stack::plan::change_set_name(1_700_000_000, 7).starts_with(CHANGE_SET_PREFIX)
-        );
     }
 
     /// The stack grants assume the template's names and resource types: a template change
