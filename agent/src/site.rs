@@ -70,18 +70,27 @@ impl Site {
     /// Reads every file the manifest lists from `root` and verifies it. Without a manifest,
     /// one is made from `root` (version from its `version.txt`, if any).
     pub fn load(root: &Path, manifest: Option<Manifest>) -> Result<Self, SiteError> {
-        let manifest = match manifest {
-            Some(m) => m,
-            None => Manifest::from_dir(root, &version_from_root(root))?,
-        };
         // Content goes into one sealed memfd as it is verified (see `sealed`), or stays on
         // the heap where memfds are not allowed: served the same, only copied per write.
-        let mut store = match sealed::Writer::new() {
+        let store = match sealed::Writer::new() {
             Ok(writer) => Some(writer),
             Err(e) => {
                 warn!(error = %e, "cannot create a memfd: content stays on the heap and large files are copied into each response");
                 None
             }
+        };
+        Self::load_into(root, manifest, store)
+    }
+
+    /// [`Site::load`] into `store`, or onto the heap without one.
+    fn load_into(
+        root: &Path,
+        manifest: Option<Manifest>,
+        mut store: Option<sealed::Writer>,
+    ) -> Result<Self, SiteError> {
+        let manifest = match manifest {
+            Some(m) => m,
+            None => Manifest::from_dir(root, &version_from_root(root))?,
         };
         let mut verified = Vec::with_capacity(manifest.files.len());
         let mut mismatches = Vec::new();
@@ -257,6 +266,103 @@ mod tests {
             .to_string();
         assert!(err.contains("a.txt: sha256"), "{err}");
         assert!(err.contains("b.txt: missing"), "{err}");
+    }
+
+    /// A site with a file large enough for `sendfile`, a small one and an empty one.
+    fn write_files(dir: &Path) {
+        let big: Vec<u8> = (0..3 * crate::http::sendfile::SENDFILE_MIN)
+            .map(|i| (i * 7 % 251) as u8)
+            .collect();
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        std::fs::write(dir.join("big.bin"), big).unwrap();
+        std::fs::write(dir.join("sub/small.txt"), "small\n").unwrap();
+        std::fs::write(dir.join("empty.txt"), "").unwrap();
+    }
+
+    /// Where memfds are refused the content stays on the heap: the same site, the same
+    /// bytes and headers, only no store for `sendfile` to send from.
+    #[test]
+    fn without_a_memfd_the_content_stays_on_the_heap() {
+        let dir = tempfile::tempdir().unwrap();
+        write_files(dir.path());
+        let manifest = Manifest::from_dir(dir.path(), "v1").unwrap();
+        let sealed = Site::load(dir.path(), Some(manifest.clone())).unwrap();
+        let heap = Site::load_into(dir.path(), Some(manifest.clone()), None).unwrap();
+        let store = sealed.sealed().expect("memfds are allowed here");
+        assert!(heap.sealed().is_none());
+        assert_eq!(heap.manifest_json, sealed.manifest_json);
+        for entry in &manifest.files {
+            let (a, b) = (
+                heap.get(&entry.path).unwrap(),
+                sealed.get(&entry.path).unwrap(),
+            );
+            let on_disk = std::fs::read(dir.path().join(&entry.path)).unwrap();
+            assert_eq!(a.body, on_disk, "{}", entry.path);
+            assert_eq!(b.body, on_disk, "{}", entry.path);
+            assert_eq!(a.headers, b.headers, "{}", entry.path);
+            // Only the memfd's bytes can go out with `sendfile`.
+            if !on_disk.is_empty() {
+                assert!(store.offset_of(&b.body).is_some(), "{}", entry.path);
+                assert!(store.offset_of(&a.body).is_none(), "{}", entry.path);
+            }
+        }
+        // The heap path verifies what it reads just the same.
+        std::fs::write(dir.path().join("sub/small.txt"), "SMALL\n").unwrap();
+        let err = Site::load_into(dir.path(), Some(manifest), None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("sub/small.txt: sha256"), "{err}");
+    }
+
+    /// Both ways of keeping the content, served over a socket by the real server.
+    #[tokio::test]
+    async fn a_heap_site_is_served_like_a_sealed_one() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        let dir = tempfile::tempdir().unwrap();
+        write_files(dir.path());
+        let manifest = Manifest::from_dir(dir.path(), "v1").unwrap();
+        let mut answers = Vec::new();
+        for store in [Some(sealed::Writer::new().unwrap()), None] {
+            let site = Site::load_into(dir.path(), Some(manifest.clone()), store).unwrap();
+            let state = Arc::new(crate::state::AgentState::new(site));
+            let server = crate::http::Server::new(state, &Default::default());
+            let listener = crate::http::bind("127.0.0.1:0".parse().unwrap(), false).unwrap();
+            let acceptor = server.spawn_acceptor(listener).unwrap();
+            let mut got = Vec::new();
+            for (path, range) in [
+                ("/big.bin", ""),
+                ("/big.bin", "Range: bytes=100-40000\r\n"),
+                ("/sub/small.txt", ""),
+                ("/empty.txt", ""),
+            ] {
+                let mut stream = tokio::net::TcpStream::connect(acceptor.local_addr())
+                    .await
+                    .unwrap();
+                let request =
+                    format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n{range}\r\n");
+                stream.write_all(request.as_bytes()).await.unwrap();
+                let mut response = Vec::new();
+                stream.read_to_end(&mut response).await.unwrap();
+                let end = response.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+                let status = String::from_utf8_lossy(&response[..12]).into_owned();
+                got.push((status, response[end + 4..].to_vec()));
+            }
+            answers.push(got);
+        }
+        let big = std::fs::read(dir.path().join("big.bin")).unwrap();
+        let expected = [
+            ("HTTP/1.1 200", big.clone()),
+            ("HTTP/1.1 206", big[100..=40000].to_vec()),
+            ("HTTP/1.1 200", b"small\n".to_vec()),
+            ("HTTP/1.1 200", Vec::new()),
+        ];
+        for got in answers {
+            for ((status, body), (want_status, want_body)) in got.iter().zip(&expected) {
+                assert_eq!(status, want_status);
+                assert!(body == want_body, "{status}: {} bytes", body.len());
+            }
+        }
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 mod common;
 
+use ami_agent::http::first_line::MAX_LINE_BYTES;
 use ami_agent::http::response::MAX_TARGET_BYTES;
 use ami_agent::http::ServerConfig;
 use common::*;
@@ -268,21 +269,214 @@ async fn long_targets_get_414_and_oversized_heads_hyper_s_431() {
 #[tokio::test]
 async fn request_lines_hyper_refuses_before_the_service() {
     let (_site, s) = site();
+    // A version with more than one digit is not an HTTP-version (RFC 9112 §2.3); nor is a
+    // line that has no end within the length looked at for its version.
+    let unended = format!(
+        "GET /{} HTTP/1.2\r\nHost: t\r\n\r\n",
+        "a".repeat(MAX_LINE_BYTES)
+    );
     for request in [
-        "GET / HTTP/1.2\r\nHost: t\r\n\r\n",
-        "GET / HTTP/2.0\r\nHost: t\r\n\r\n",
+        "GET / HTTP/1.10\r\nHost: t\r\n\r\n",
+        "GET / HTTP/12.0\r\nHost: t\r\n\r\n",
+        "GET / HTTP/0.9\r\nHost: t\r\n\r\n",
         "GET / HTTP/1.1 extra\r\nHost: t\r\n\r\n",
         "GET  HTTP/1.1\r\nHost: t\r\n\r\n",
         "GET /a b HTTP/1.1\r\nHost: t\r\n\r\n",
         "G(T / HTTP/1.1\r\nHost: t\r\n\r\n",
+        &unended,
     ] {
         let r = send(&s, request).await;
         assert_eq!(r.status, 400, "{request:?}");
         assert!(r.header("x-content-type-options").is_none(), "{r:?}");
         assert_eq!(r.header("content-length"), Some("0"), "{request:?}");
     }
-    // The HTTP/2 connection preface is not answered at all: the connection just closes.
-    let r = raw(s.addr, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await;
-    assert!(r.is_none(), "{r:?}");
     assert_eq!(get(s.addr, "GET", "/", &[]).await.status, 200);
+}
+
+/// Writes `writes` one after another on a fresh connection (a moment apart, so each is a
+/// read of its own), then reads until the server closes.
+async fn exchange(addr: std::net::SocketAddr, writes: &[&[u8]]) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.set_nodelay(true).unwrap();
+    for (i, w) in writes.iter().enumerate() {
+        if i > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        stream.write_all(w).await.unwrap();
+    }
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        stream.read_to_end(&mut out),
+    )
+    .await;
+    assert!(read.is_ok(), "the server kept the connection open");
+    out
+}
+
+/// The responses in `bytes`, each with its status line.
+fn responses(bytes: &[u8]) -> Vec<(String, RawResponse)> {
+    let mut out = Vec::new();
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        let r = parse_response(rest).unwrap_or_else(|| panic!("not a response: {rest:?}"));
+        let line_end = rest.windows(2).position(|w| w == b"\r\n").unwrap();
+        let line = String::from_utf8(rest[..line_end].to_vec()).unwrap();
+        let head_end = rest.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        let len: usize = r.header("content-length").unwrap().parse().unwrap();
+        rest = &rest[head_end + len..];
+        out.push((
+            line,
+            RawResponse {
+                body: r.body[..len].to_vec(),
+                ..r
+            },
+        ));
+    }
+    out
+}
+
+/// RFC 9110 §2.5, RFC 9112 §2.3: a later minor version of HTTP/1 is served as HTTP/1.1
+/// (nginx does the same), and the connection closes after the answer.
+#[tokio::test]
+async fn later_http_1_minor_versions_are_served_as_1_1() {
+    let (_site, s) = site();
+    for version in ["HTTP/1.2", "HTTP/1.9"] {
+        let request = format!("GET /version.txt {version}\r\nHost: t\r\n\r\n");
+        let got = responses(&exchange(s.addr, &[request.as_bytes()]).await);
+        assert_eq!(got.len(), 1, "{version}: {got:?}");
+        let (line, r) = &got[0];
+        assert_eq!(line, "HTTP/1.1 200 OK", "{version}");
+        assert_eq!(r.body, VERSION.as_bytes(), "{version}");
+        assert_eq!(r.header("connection"), Some("close"), "{version}");
+        assert_security_headers(r);
+    }
+    // Served as 1.1, it needs Host like 1.1.
+    let r = send(&s, "GET / HTTP/1.2\r\n\r\n").await;
+    assert_eq!(r.status, 400);
+    assert_security_headers(&r);
+    // A second request on the connection is not read: the first answer closed it.
+    let twice = "GET /version.txt HTTP/1.2\r\nHost: t\r\n\r\nGET / HTTP/1.2\r\nHost: t\r\n\r\n";
+    let got = responses(&exchange(s.addr, &[twice.as_bytes()]).await);
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].1.status, 200);
+}
+
+/// RFC 9110 §15.6.6: a major version the server does not implement gets 505, whatever the
+/// method and target (nginx answers 505 too), with the agent's headers, and the connection
+/// closes.
+#[tokio::test]
+async fn other_major_versions_get_505_and_the_connection_closes() {
+    let (_site, s) = site();
+    for request in [
+        "GET /version.txt HTTP/2.0\r\nHost: t\r\n\r\n",
+        "GET /version.txt HTTP/3.0\r\nHost: t\r\n\r\n",
+        "GET / HTTP/9.9\r\nHost: t\r\n\r\n",
+        // Neither the missing Host nor the method matters.
+        "DELETE /nope HTTP/2.0\r\n\r\n",
+        // Nor what follows on the connection.
+        "GET / HTTP/2.0\r\nHost: t\r\n\r\nGET / HTTP/1.1\r\nHost: t\r\n\r\n",
+    ] {
+        let got = responses(&exchange(s.addr, &[request.as_bytes()]).await);
+        assert_eq!(got.len(), 1, "{request:?}: {got:?}");
+        let (line, r) = &got[0];
+        assert_eq!(
+            line, "HTTP/1.1 505 HTTP Version Not Supported",
+            "{request:?}"
+        );
+        assert_eq!(r.header("connection"), Some("close"), "{request:?}");
+        assert_security_headers(r);
+        assert_eq!(r.body, b"http version not supported\n");
+    }
+    let r = send(&s, "HEAD / HTTP/2.0\r\nHost: t\r\n\r\n").await;
+    assert_eq!((r.status, r.body.len()), (505, 0));
+}
+
+/// The HTTP/2 connection preface from a client that assumed HTTP/2 without asking: nginx
+/// without HTTP/2 on the listener answers 400 and closes (its parser refuses the `*`
+/// target before it reaches the version), and so does the agent, with its headers.
+#[tokio::test]
+async fn the_http2_preface_gets_400_and_the_connection_closes() {
+    let (_site, s) = site();
+    let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let got = responses(&exchange(s.addr, &[preface]).await);
+    assert_eq!(got.len(), 1, "{got:?}");
+    let (line, r) = &got[0];
+    assert_eq!(line, "HTTP/1.1 400 Bad Request");
+    assert_eq!(r.header("connection"), Some("close"));
+    assert_security_headers(r);
+    // With the client's first HTTP/2 frame (an empty SETTINGS) right behind it.
+    let mut with_settings = preface.to_vec();
+    with_settings.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+    let got = responses(&exchange(s.addr, &[&with_settings]).await);
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].1.status, 400);
+    // A byte at a time, up to the end of what HTTP/1 sees as a head (the answer comes
+    // then, and the connection closes under whatever else the client writes).
+    let bytes: Vec<&[u8]> = preface[..18].chunks(1).collect();
+    let got = responses(&exchange(s.addr, &bytes).await);
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].1.status, 400);
+}
+
+#[tokio::test]
+async fn a_request_line_sent_a_byte_at_a_time_is_read_whole() {
+    let (_site, s) = site();
+    for (request, connection) in [
+        (
+            "GET /version.txt HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+            None,
+        ),
+        (
+            "GET /version.txt HTTP/1.2\r\nHost: t\r\n\r\n",
+            Some("close"),
+        ),
+    ] {
+        let bytes: Vec<&[u8]> = request.as_bytes().chunks(1).collect();
+        let got = responses(&exchange(s.addr, &bytes).await);
+        assert_eq!(got.len(), 1, "{request:?}: {got:?}");
+        let (line, r) = &got[0];
+        assert_eq!(line, "HTTP/1.1 200 OK", "{request:?}");
+        assert_eq!(r.body, VERSION.as_bytes(), "{request:?}");
+        if connection.is_some() {
+            assert_eq!(r.header("connection"), connection, "{request:?}");
+        }
+    }
+    let got = responses(&exchange(s.addr, &[b"GET / HT", b"TP/2.0\r\n\r\n"]).await);
+    assert_eq!(got[0].1.status, 505);
+}
+
+#[tokio::test]
+async fn pipelined_http_1_1_requests_are_all_answered() {
+    let (_site, s) = site();
+    let one = "GET /version.txt HTTP/1.1\r\nHost: t\r\n\r\n";
+    let last = "GET /css/site.css HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n";
+    let all = format!("{one}{one}{last}");
+    // In one write, and with the first line cut in two so the rest comes with its end.
+    for writes in [
+        vec![all.as_bytes()],
+        vec![&all.as_bytes()[..10], &all.as_bytes()[10..]],
+    ] {
+        let got = responses(&exchange(s.addr, &writes).await);
+        let statuses: Vec<u16> = got.iter().map(|(_, r)| r.status).collect();
+        assert_eq!(statuses, [200, 200, 200]);
+        assert_eq!(got[0].1.body, VERSION.as_bytes());
+        assert_eq!(got[1].1.body, VERSION.as_bytes());
+        assert_eq!(got[2].1.body, b"body { color: black }\n");
+    }
+}
+
+#[tokio::test]
+async fn a_first_line_longer_than_the_part_looked_at_still_gets_414() {
+    let (_site, s) = site();
+    let target = format!("/{}", "a".repeat(MAX_LINE_BYTES));
+    let request = format!("GET {target} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+    let bytes = request.as_bytes();
+    for writes in [vec![bytes], vec![&bytes[..100], &bytes[100..]]] {
+        let got = responses(&exchange(s.addr, &writes).await);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(got[0].1.status, 414);
+        assert_security_headers(&got[0].1);
+    }
 }

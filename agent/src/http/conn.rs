@@ -14,6 +14,9 @@
 //! - **send**: the longest a write may wait for the client to take bytes (`send_timeout`):
 //!   a client that stops reading is dropped, however large the response.
 //!
+//! The stream also holds back a connection's first request line until its end, so its
+//! version can be read before hyper parses it (see `first_line`).
+//!
 //! The registry lets the accept loop close idle connections when every slot is taken or
 //! file descriptors run out (nginx's reusable connections): a flood of idle sockets then
 //! cannot keep a new client waiting.
@@ -30,6 +33,8 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
 use tokio::time::{Instant, Sleep};
+
+use super::first_line::{FirstLine, LineVersion};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
@@ -74,6 +79,8 @@ pub struct Shared {
     /// A write is waiting for the client to take bytes: the response is not delivered,
     /// whatever the phase says (hyper lets go of a body before it is all sent).
     write_blocked: AtomicBool,
+    /// What the connection's first request line asked for (a `LineVersion`).
+    line_version: AtomicU8,
     /// Set by the registry to ask an idle connection to close.
     pub evict: Notify,
 }
@@ -87,6 +94,7 @@ impl Shared {
             since_ms: AtomicU64::new(now),
             wrote_ms: AtomicU64::new(now),
             write_blocked: AtomicBool::new(false),
+            line_version: AtomicU8::new(LineVersion::Http1 as u8),
             evict: Notify::new(),
         }
     }
@@ -104,6 +112,11 @@ impl Shared {
     /// The response's body was handed to hyper in full: waiting for the next request.
     pub fn response_done(&self) {
         self.set(IDLE);
+    }
+
+    /// What the connection's first request line asked for, once it has been read.
+    pub fn line_version(&self) -> LineVersion {
+        LineVersion::from_u8(self.line_version.load(Ordering::Relaxed))
     }
 
     /// Waiting for a request, with nothing left to send.
@@ -247,6 +260,7 @@ pub struct Guarded<S> {
     limits: Limits,
     read_timer: Option<(Pin<Box<Sleep>>, Instant)>,
     write_timer: Option<Pin<Box<Sleep>>>,
+    first_line: FirstLine,
     /// Which limit closed the connection, if one did.
     expired: Arc<Mutex<Option<Expired>>>,
 }
@@ -259,6 +273,7 @@ impl<S> Guarded<S> {
             limits,
             read_timer: None,
             write_timer: None,
+            first_line: FirstLine::default(),
             expired: Arc::new(Mutex::new(None)),
         }
     }
@@ -304,19 +319,23 @@ impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
         let before = buf.filled().len();
-        match Pin::new(&mut self.inner).poll_read(cx, buf) {
-            Poll::Ready(Ok(())) => {
-                if buf.filled().len() > before
-                    && matches!(self.shared.phase.load(Ordering::Acquire), IDLE_NEW | IDLE)
-                {
-                    self.shared.set(HEAD);
-                }
-                Poll::Ready(Ok(()))
-            }
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+        let shared = &this.shared;
+        let polled = this
+            .first_line
+            .poll_read(&mut this.inner, cx, buf, |asked| {
+                shared.line_version.store(asked as u8, Ordering::Relaxed)
+            });
+        // A first line held back until its end has arrived all the same.
+        if (buf.filled().len() > before || this.first_line.is_holding())
+            && matches!(this.shared.phase.load(Ordering::Acquire), IDLE_NEW | IDLE)
+        {
+            this.shared.set(HEAD);
+        }
+        match polled {
+            Poll::Ready(result) => Poll::Ready(result),
             Poll::Pending => {
-                let this = &mut *self;
                 match this.shared.read_deadline(&this.limits) {
                     Some((deadline, why)) => {
                         if timer_fired(&mut this.read_timer, deadline, cx) {
@@ -418,6 +437,42 @@ mod tests {
         assert_eq!(started.elapsed(), LIMITS.header);
         assert_eq!(*g.expired().lock().unwrap(), Some(Expired::Header));
         drop(client);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_first_line_held_back_counts_as_a_request_begun() {
+        let registry = Arc::new(Registry::default());
+        let reg = registry.register();
+        let (mut client, server) = tokio::io::duplex(64);
+        let mut g = Guarded::new(server, reg.shared.clone(), LIMITS);
+        tokio::time::advance(Duration::from_secs(5)).await;
+        // Half a request line: nothing reaches the reader yet, but the connection is no
+        // longer idle, and the header limit counts from this first byte.
+        client.write_all(b"GET / HTTP/1.").await.unwrap();
+        let started = Instant::now();
+        let mut buf = [0u8; 64];
+        let read = tokio::spawn(async move { (g.read(&mut buf).await, g) });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!reg.shared.is_idle());
+        assert_eq!(registry.evict_idle(10), 0);
+        let (read, g) = read.await.unwrap();
+        assert_eq!(read.unwrap_err().kind(), io::ErrorKind::TimedOut);
+        assert_eq!(started.elapsed(), LIMITS.header);
+        assert_eq!(*g.expired().lock().unwrap(), Some(Expired::Header));
+        assert_eq!(reg.shared.line_version(), LineVersion::Http1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_first_line_s_version_reaches_the_service() {
+        let registry = Arc::new(Registry::default());
+        let reg = registry.register();
+        let (mut client, server) = tokio::io::duplex(64);
+        let mut g = Guarded::new(server, reg.shared.clone(), LIMITS);
+        client.write_all(b"GET / HTTP/2.0\r\n\r\n").await.unwrap();
+        let mut buf = [0u8; 64];
+        let n = g.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"GET / HTTP/1.1\r\n\r\n");
+        assert_eq!(reg.shared.line_version(), LineVersion::OtherMajor);
     }
 
     #[tokio::test(start_paused = true)]

@@ -15,6 +15,7 @@ pub const PROMETHEUS: HeaderValue =
     HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8");
 pub const SERVER: HeaderValue = HeaderValue::from_static("ami-agent");
 pub const GET_HEAD: HeaderValue = HeaderValue::from_static("GET, HEAD");
+pub const CLOSE: HeaderValue = HeaderValue::from_static("close");
 
 /// The head of an asset's 200 answer (built once per asset when the release loads).
 pub fn asset_headers(

@@ -2,6 +2,7 @@
 //! be replaced while connections keep running, and a bounded graceful drain.
 
 pub mod conn;
+pub mod first_line;
 pub mod headers;
 pub mod response;
 pub mod sendfile;
@@ -343,7 +344,7 @@ async fn serve_connection(inner: Arc<Inner>, stream: TcpStream, peer: SocketAddr
     let on_request = shared.clone();
     let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
         on_request.request_started();
-        let response = response::respond(&state, &req);
+        let response = response::respond(&state, &req, on_request.line_version());
         let response = response.map(|body| Tracked {
             body,
             shared: on_request.clone(),

@@ -17,7 +17,8 @@ use http_body_util::Full;
 use self::conditional::Precondition;
 use self::request::MethodClass;
 pub use self::request::MAX_TARGET_BYTES;
-use super::headers::{common_headers, GET_HEAD, JSON, NO_CACHE, NO_STORE, PROMETHEUS, TEXT};
+use super::first_line::LineVersion;
+use super::headers::{common_headers, CLOSE, GET_HEAD, JSON, NO_CACHE, NO_STORE, PROMETHEUS, TEXT};
 use crate::site::Asset;
 use crate::state::AgentState;
 
@@ -28,8 +29,26 @@ const ROBOTS_TXT: &str = "User-agent: *\nDisallow: /\n";
 /// Answers one request (its body, if any, is never read). Targets over
 /// [`MAX_TARGET_BYTES`] get 414; heads over `ServerConfig::max_header_bytes` never get
 /// here, hyper answers them 431 without these rules or their headers.
-pub fn respond<B>(state: &AgentState, req: &Request<B>) -> Response<Body> {
-    let response = route(state, req);
+///
+/// `line` is what the connection's first request line asked for: where hyper was shown
+/// `HTTP/1.1` in its place (see `http::first_line`), a later minor version is served as
+/// 1.1, another major version gets 505 and an HTTP/2 preface 400, whatever the method
+/// and target; and the connection closes, since its next request would reach hyper's
+/// parser as sent.
+pub fn respond<B>(state: &AgentState, req: &Request<B>, line: LineVersion) -> Response<Body> {
+    let head = req.method() == Method::HEAD;
+    let mut response = match line {
+        LineVersion::Http1 | LineVersion::LaterMinor => route(state, req),
+        LineVersion::OtherMajor => plain(
+            StatusCode::HTTP_VERSION_NOT_SUPPORTED,
+            "http version not supported\n",
+            head,
+        ),
+        LineVersion::H2Preface => plain(StatusCode::BAD_REQUEST, "bad request\n", head),
+    };
+    if line != LineVersion::Http1 {
+        response.headers_mut().insert(header::CONNECTION, CLOSE);
+    }
     state.metrics.request(response.status().as_u16());
     response
 }
