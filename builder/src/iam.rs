@@ -8,7 +8,8 @@
 //! - A resource ARN wherever the action supports resource-level permissions (the Service
 //!   Authorization Reference), limited to the prefix's names where the ARN carries a name
 //!   (CloudFormation stacks, ELB, IAM roles and instance profiles, alarms, the import
-//!   bucket), and to fleet instances (the `amictl:fleet` tag) for what acts on instances.
+//!   bucket), to fleet instances (the `amictl:fleet` tag) for what acts on instances, and
+//!   to the prefix's `amictl:prefix` tag for images, snapshots and the stack's network.
 //! - `Resource: "*"` only for actions with no resource-level permissions (Describe, SSM's
 //!   invocation calls) or whose documentation is unclear, and then with a condition where
 //!   one is documented; each such grant says why.
@@ -157,6 +158,29 @@ const IMPORT_OBJECTS: &str = "arn:{partition}:s3:::{prefix}*import-{account}-{re
 /// load balancer's log delivery writes to it, not the caller.
 const LOG_BUCKET: &str = "arn:{partition}:s3:::{prefix}*logs-{account}-{region}";
 const PREFIX_ROLES: &str = "arn:{partition}:iam::{account}:role/{prefix}*";
+/// The stack's network resources. EC2 ARNs carry ids, not names: the prefix narrows them
+/// through the `amictl:prefix` tag the template puts on each.
+const VPCS: &str = "arn:{partition}:ec2:{region}:{account}:vpc/*";
+const SUBNETS: &str = "arn:{partition}:ec2:{region}:{account}:subnet/*";
+const ROUTE_TABLES: &str = "arn:{partition}:ec2:{region}:{account}:route-table/*";
+const INTERNET_GATEWAYS: &str = "arn:{partition}:ec2:{region}:{account}:internet-gateway/*";
+const SECURITY_GROUPS: &str = "arn:{partition}:ec2:{region}:{account}:security-group/*";
+const NETWORK: &[&str] = &[
+    INTERNET_GATEWAYS,
+    ROUTE_TABLES,
+    SECURITY_GROUPS,
+    SUBNETS,
+    VPCS,
+];
+/// The create calls of the network resources the template tags (the values of
+/// `ec2:CreateAction` when they tag what they create).
+const NETWORK_CREATE_ACTIONS: &[&str] = &[
+    "CreateInternetGateway",
+    "CreateRouteTable",
+    "CreateSecurityGroup",
+    "CreateSubnet",
+    "CreateVpc",
+];
 const PREFIX_ALARMS: &str = "arn:{partition}:cloudwatch:{region}:{account}:alarm:{prefix}*";
 const PREFIX_TARGET_GROUPS: &str =
     "arn:{partition}:elasticloadbalancing:{region}:{account}:targetgroup/{prefix}*/*";
@@ -165,13 +189,16 @@ const PREFIX_TARGET_GROUPS: &str =
 /// stack's does, `amictl up` names the fleet after it), so a policy for `amictl-pr-` cannot
 /// reach `amictl-main`'s instances.
 const FLEET_INSTANCE: Condition = ("StringLike", "aws:ResourceTag/amictl:fleet", &["{prefix}*"]);
-/// Images and snapshots amictl made for the prefix: `image publish` tags them
-/// `amictl:prefix` as they are created.
-const PREFIX_IMAGE: Condition = (
+/// What amictl made for the prefix: `image publish` tags images and snapshots
+/// `amictl:prefix` as it creates them, and the stack template its network resources.
+const PREFIX_TAGGED: Condition = (
     "StringLike",
     "aws:ResourceTag/amictl:prefix",
     &["{prefix}*"],
 );
+/// A create request that tags what it creates with the prefix.
+const PREFIX_REQUEST_TAG: Condition =
+    ("StringLike", "aws:RequestTag/amictl:prefix", &["{prefix}*"]);
 /// Only amictl's own tag keys (and Name) on images and snapshots.
 const AMICTL_TAG_KEYS: Condition = (
     "ForAllValues:StringLike",
@@ -233,7 +260,7 @@ pub const GRANTS: &[Grant] = &[
         // The snapshot is tagged with the prefix as it starts; its blocks only go to one.
         actions: &[(PUBLISH, "ebs:StartSnapshot")],
         resources: &[SNAPSHOTS],
-        conditions: &[("StringLike", "aws:RequestTag/amictl:prefix", &["{prefix}*"])],
+        conditions: &[PREFIX_REQUEST_TAG],
     },
     Grant {
         sid: "EbsDirectUploadBlocks",
@@ -242,7 +269,7 @@ pub const GRANTS: &[Grant] = &[
             (PUBLISH, "ebs:CompleteSnapshot"),
         ],
         resources: &[SNAPSHOTS],
-        conditions: &[PREFIX_IMAGE],
+        conditions: &[PREFIX_TAGGED],
     },
     Grant {
         sid: "ImportStagingObjects",
@@ -319,7 +346,7 @@ pub const GRANTS: &[Grant] = &[
                 "ec2:CreateAction",
                 &["RegisterImage", "CopyImage"],
             ),
-            ("StringLike", "aws:RequestTag/amictl:prefix", &["{prefix}*"]),
+            PREFIX_REQUEST_TAG,
             AMICTL_TAG_KEYS,
         ],
     },
@@ -332,7 +359,7 @@ pub const GRANTS: &[Grant] = &[
         actions: &[(PUBLISH, "ec2:CreateTags")],
         resources: &[IMAGES, SNAPSHOTS],
         conditions: &[
-            PREFIX_IMAGE,
+            PREFIX_TAGGED,
             (
                 "StringLikeIfExists",
                 "aws:RequestTag/amictl:prefix",
@@ -345,12 +372,16 @@ pub const GRANTS: &[Grant] = &[
         sid: "ClaimImportedSnapshots",
         // ImportSnapshot (`--via s3`) tags only its task: the snapshot it makes has no
         // tags, so `publish` claims it for the prefix as soon as the import completes, and
-        // only a snapshot no prefix has claimed can be claimed.
+        // only a snapshot no prefix has claimed can be claimed. This is also what
+        // StartSnapshot's tags need: the Service Authorization Reference lists
+        // ec2:CreateTags as a dependent action of ebs:StartSnapshot, on a snapshot that has
+        // no tags yet (whether EBS sets ec2:CreateAction there is not documented, so this
+        // statement does not test it).
         actions: &[(PUBLISH, "ec2:CreateTags")],
         resources: &[SNAPSHOTS],
         conditions: &[
             ("Null", "aws:ResourceTag/amictl:prefix", &["true"]),
-            ("StringLike", "aws:RequestTag/amictl:prefix", &["{prefix}*"]),
+            PREFIX_REQUEST_TAG,
             AMICTL_TAG_KEYS,
         ],
     },
@@ -371,7 +402,7 @@ pub const GRANTS: &[Grant] = &[
                 "aws:ResourceTag/amictl:managed-by",
                 &["amictl"],
             ),
-            PREFIX_IMAGE,
+            PREFIX_TAGGED,
         ],
     },
     Grant {
@@ -380,7 +411,7 @@ pub const GRANTS: &[Grant] = &[
         // an import's is claimed before anything else can fail (ClaimImportedSnapshots).
         actions: &[(PUBLISH, "ec2:DeleteSnapshot")],
         resources: &[SNAPSHOTS],
-        conditions: &[PREFIX_IMAGE],
+        conditions: &[PREFIX_TAGGED],
     },
     // ---- rollout: instances ------------------------------------------------------------
     Grant {
@@ -544,32 +575,64 @@ pub const GRANTS: &[Grant] = &[
         conditions: &[],
     },
     // ---- stack: what CloudFormation does with the caller's permissions -----------------
+    // The VPC, subnets, internet gateway, route table and security groups, bound to the
+    // prefix by their `amictl:prefix` tag: created only tagged with it (CloudFormation's
+    // handlers for these five types pass the template's tags to the create call: their
+    // registry schemas say tagOnCreate), changed and deleted only while they carry it. What
+    // has no tags (routes, subnet associations, the gateway's attachment, security group
+    // rules) is authorized against the tagged resources it belongs to.
+    Grant {
+        sid: "StackCreateVpc",
+        // A statement of its own: CreateSubnet, CreateRouteTable and CreateSecurityGroup
+        // are also authorized against their VPC, which must carry the prefix
+        // (StackNetwork), not merely be named in a request that carries it.
+        actions: &[(STACK, "ec2:CreateVpc")],
+        resources: &[VPCS],
+        conditions: &[PREFIX_REQUEST_TAG],
+    },
+    Grant {
+        sid: "StackCreateNetwork",
+        actions: &[
+            (STACK, "ec2:CreateInternetGateway"),
+            (STACK, "ec2:CreateRouteTable"),
+            (STACK, "ec2:CreateSecurityGroup"),
+            (STACK, "ec2:CreateSubnet"),
+        ],
+        resources: &[INTERNET_GATEWAYS, ROUTE_TABLES, SECURITY_GROUPS, SUBNETS],
+        conditions: &[PREFIX_REQUEST_TAG],
+    },
+    Grant {
+        sid: "StackTagNetworkOnCreate",
+        // The create calls above tag what they create, and nothing else.
+        actions: &[(STACK, "ec2:CreateTags")],
+        resources: NETWORK,
+        conditions: &[
+            ("StringEquals", "ec2:CreateAction", NETWORK_CREATE_ACTIONS),
+            PREFIX_REQUEST_TAG,
+        ],
+    },
     Grant {
         sid: "StackNetwork",
-        // The VPC, subnets, internet gateway, route table and security groups. EC2 ARNs
-        // carry ids, not names, so the prefix cannot narrow them: the actions are limited
-        // to these resource types, in the account and regions given.
+        // The prefix's network: its VPC (also as the parent of a new subnet, route table or
+        // security group), subnets, route tables with their routes and associations,
+        // gateway and its attachment, security groups and their rules.
         actions: &[
             (STACK, "ec2:AssociateRouteTable"),
             (STACK, "ec2:AttachInternetGateway"),
             (STACK, "ec2:AuthorizeSecurityGroupEgress"),
             (STACK, "ec2:AuthorizeSecurityGroupIngress"),
-            (STACK, "ec2:CreateInternetGateway"),
             (STACK, "ec2:CreateRoute"),
             (STACK, "ec2:CreateRouteTable"),
             (STACK, "ec2:CreateSecurityGroup"),
             (STACK, "ec2:CreateSubnet"),
-            (STACK, "ec2:CreateTags"),
-            (STACK, "ec2:CreateVpc"),
             (STACK, "ec2:DeleteInternetGateway"),
             (STACK, "ec2:DeleteRoute"),
             (STACK, "ec2:DeleteRouteTable"),
             (STACK, "ec2:DeleteSecurityGroup"),
             (STACK, "ec2:DeleteSubnet"),
-            (STACK, "ec2:DeleteTags"),
             (STACK, "ec2:DeleteVpc"),
-            (STACK, "ec2:DetachInternetGateway"),
             (STACK, "ec2:DescribeVpcAttribute"),
+            (STACK, "ec2:DetachInternetGateway"),
             (STACK, "ec2:DisassociateRouteTable"),
             (STACK, "ec2:ModifySubnetAttribute"),
             (STACK, "ec2:ModifyVpcAttribute"),
@@ -580,14 +643,37 @@ pub const GRANTS: &[Grant] = &[
             (STACK, "ec2:UpdateSecurityGroupRuleDescriptionsEgress"),
             (STACK, "ec2:UpdateSecurityGroupRuleDescriptionsIngress"),
         ],
-        resources: &[
-            "arn:{partition}:ec2:{region}:{account}:internet-gateway/*",
-            "arn:{partition}:ec2:{region}:{account}:route-table/*",
-            "arn:{partition}:ec2:{region}:{account}:security-group/*",
-            "arn:{partition}:ec2:{region}:{account}:security-group-rule/*",
-            "arn:{partition}:ec2:{region}:{account}:subnet/*",
-            "arn:{partition}:ec2:{region}:{account}:vpc/*",
+        resources: NETWORK,
+        conditions: &[PREFIX_TAGGED],
+    },
+    Grant {
+        sid: "StackRetagNetwork",
+        // A stack update's tag changes, on the prefix's network only, and never handing a
+        // resource to another prefix. Nothing claims an untagged one: a stack deployed
+        // before the template tagged its network needs that tag put on once by someone
+        // else (docs/design.md).
+        actions: &[(STACK, "ec2:CreateTags"), (STACK, "ec2:DeleteTags")],
+        resources: NETWORK,
+        conditions: &[
+            PREFIX_TAGGED,
+            (
+                "StringLikeIfExists",
+                "aws:RequestTag/amictl:prefix",
+                &["{prefix}*"],
+            ),
         ],
+    },
+    Grant {
+        sid: "StackSecurityGroupRules",
+        // A new rule is authorized as a resource of its own besides its group; CloudFormation
+        // does not tag rules (AWS::EC2::SecurityGroupIngress takes no tags), so the rule
+        // cannot carry the prefix. Its group must (StackNetwork), and every call here also
+        // needs the group.
+        actions: &[
+            (STACK, "ec2:AuthorizeSecurityGroupEgress"),
+            (STACK, "ec2:AuthorizeSecurityGroupIngress"),
+        ],
+        resources: &["arn:{partition}:ec2:{region}:{account}:security-group-rule/*"],
         conditions: &[],
     },
     Grant {
@@ -1424,6 +1510,114 @@ mod tests {
         }
         assert!(!template.contains("AWS::IAM::Policy"));
         assert!(!template.contains("PermissionsBoundary"));
+    }
+
+    /// The network grants reach only what carries the prefix's tag: every network resource
+    /// of the template carries `amictl:prefix` = its Prefix parameter, and those without
+    /// tags belong to one that does.
+    #[test]
+    fn the_templates_network_carries_the_prefix_tag() {
+        use serde_yaml::Value;
+        let template: Value = serde_yaml::from_str(crate::stack::TEMPLATE).unwrap();
+        let tagged = [
+            "AWS::EC2::InternetGateway",
+            "AWS::EC2::RouteTable",
+            "AWS::EC2::SecurityGroup",
+            "AWS::EC2::Subnet",
+            "AWS::EC2::VPC",
+        ];
+        // Authorized against the tagged resources they name (StackNetwork).
+        let untagged = [
+            "AWS::EC2::Route",
+            "AWS::EC2::SecurityGroupIngress",
+            "AWS::EC2::SubnetRouteTableAssociation",
+            "AWS::EC2::VPCGatewayAttachment",
+        ];
+        let mut seen = BTreeSet::new();
+        for (name, resource) in template["Resources"].as_mapping().unwrap() {
+            let name = name.as_str().unwrap();
+            let kind = resource["Type"].as_str().unwrap();
+            if !kind.starts_with("AWS::EC2::") {
+                continue;
+            }
+            seen.insert(kind);
+            assert!(
+                tagged.contains(&kind) || untagged.contains(&kind),
+                "{name}: {kind} is new: tag it amictl:prefix and grant it by that tag, or say which tagged resource authorizes it"
+            );
+            if !tagged.contains(&kind) {
+                continue;
+            }
+            let tags = resource["Properties"]["Tags"].as_sequence();
+            let prefix_tag = tags
+                .into_iter()
+                .flatten()
+                .find(|t| t["Key"].as_str() == Some(crate::image::register::TAG_PREFIX));
+            let value = prefix_tag.map(|t| &t["Value"]);
+            assert!(
+                matches!(value, Some(Value::Tagged(t)) if t.tag == "Ref" && t.value == "Prefix"),
+                "{name} ({kind}) must carry amictl:prefix = !Ref Prefix: {value:?}"
+            );
+        }
+        assert_eq!(seen.len(), tagged.len() + untagged.len(), "{seen:?}");
+        // Every network type the stack grants is one of these, and its create call is one
+        // the tag-on-create statement allows.
+        for t in STACK_RESOURCE_TYPES
+            .iter()
+            .filter(|t| t.starts_with("AWS::EC2::"))
+        {
+            assert!(tagged.contains(t) || untagged.contains(t), "{t}");
+        }
+        let creates: BTreeSet<&str> = GRANTS
+            .iter()
+            .filter(|g| g.sid.starts_with("StackCreate"))
+            .flat_map(|g| g.actions.iter().map(|(_, a)| a.trim_start_matches("ec2:")))
+            .collect();
+        assert_eq!(
+            creates,
+            NETWORK_CREATE_ACTIONS
+                .iter()
+                .copied()
+                .collect::<BTreeSet<_>>()
+        );
+    }
+
+    #[test]
+    fn the_stacks_network_is_reached_only_through_the_prefix_tag() {
+        let p = policy(&only(Stack), &anywhere());
+        let network: Vec<String> = NETWORK.iter().flat_map(|n| anywhere().expand(n)).collect();
+        let mut checked = 0;
+        for s in &p.statement {
+            if !s.resource.0.iter().any(|r| network.contains(r)) {
+                continue;
+            }
+            checked += 1;
+            let v = serde_json::to_value(s).unwrap();
+            let like = &v["Condition"]["StringLike"];
+            let resource_tag = &like["aws:ResourceTag/amictl:prefix"];
+            let request_tag = &like["aws:RequestTag/amictl:prefix"];
+            assert!(
+                resource_tag == "amictl-*" || request_tag == "amictl-*",
+                "{}: reaches the network without the prefix's tag",
+                s.sid
+            );
+            // Tagging what exists needs its tag: a request's own tags prove nothing.
+            if s.action.contains(&"ec2:CreateTags") && resource_tag != "amictl-*" {
+                assert!(
+                    !v["Condition"]["StringEquals"]["ec2:CreateAction"].is_null(),
+                    "{}: tags what exists without its tag",
+                    s.sid
+                );
+            }
+        }
+        assert_eq!(checked, 5, "the network statements");
+        // A create authorized against the new resource's tags names no VPC besides its own:
+        // the parent VPC of a subnet, route table or security group must carry the tag.
+        let create = find(&p, "StackCreateNetwork");
+        assert!(
+            !create["Resource"].to_string().contains(":vpc/"),
+            "{create}"
+        );
     }
 
     /// SendCommand reaches amictl's documents (each scope the ones its commands send) and

@@ -167,6 +167,49 @@ async fn deploys_rolls_out_into_and_deletes_a_stack() {
         .collect();
     assert_eq!(azs.len(), 2, "{described:?}");
 
+    // The network carries the prefix's tag, which the IAM policy's network grants test.
+    // (moto: it drops the tags of AWS::EC2::RouteTable and AWS::EC2::InternetGateway; the
+    // template's are checked in iam.rs.)
+    let prefix_tag = |tags: &[aws_sdk_ec2::types::Tag]| {
+        tags.iter()
+            .find(|t| t.key() == Some(amictl::image::register::TAG_PREFIX))
+            .and_then(|t| t.value())
+            .map(str::to_owned)
+    };
+    for s in described.subnets() {
+        assert_eq!(prefix_tag(s.tags()).as_deref(), Some("t1-"), "{s:?}");
+    }
+    let vpcs = ec2
+        .describe_vpcs()
+        .vpc_ids(o["vpc"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        prefix_tag(vpcs.vpcs()[0].tags()).as_deref(),
+        Some("t1-"),
+        "{vpcs:?}"
+    );
+    let groups = ec2
+        .describe_security_groups()
+        .filters(
+            aws_sdk_ec2::types::Filter::builder()
+                .name("vpc-id")
+                .values(o["vpc"].as_str().unwrap())
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let mut tagged: Vec<&str> = groups
+        .security_groups()
+        .iter()
+        .filter(|g| prefix_tag(g.tags()).as_deref() == Some("t1-"))
+        .filter_map(|g| g.group_name())
+        .collect();
+    tagged.sort_unstable();
+    assert_eq!(tagged, ["t1-instance", "t1-lb"], "{groups:?}");
+
     // A fleet into the stack, from its outputs alone.
     let ami = ec2
         .register_image()
