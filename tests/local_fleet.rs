@@ -571,3 +571,76 @@ fn a_killed_instance_is_healed_and_an_interrupted_rollout_resumes() {
     assert_eq!(out.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no local fleet api"));
 }
+
+#[test]
+fn one_change_of_a_fleet_at_a_time() {
+    agent();
+    let fleet = Fleet::new("lk");
+    let v1 = fleet.site("v1");
+    // A rollout that takes a while: every health check sleeps first.
+    let mut first = fleet
+        .command(&[
+            "rollout",
+            "--content",
+            v1.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--per-az",
+            "1",
+            "--health-command",
+            "sleep 1",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let lease = fleet.dir().join("lease.json");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !lease.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the first rollout never took the lock"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    // A second rollout, and a destroy, are refused while it runs, naming it.
+    let holder = format!("(pid {})", first.id());
+    for args in [
+        vec!["rollout", "--content", v1.to_str().unwrap()],
+        vec!["destroy"],
+    ] {
+        let out = fleet.run(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("fleet lk is locked by rollout of fleet lk to ")
+                && stderr.contains(&holder),
+            "{args:?}: {stderr}"
+        );
+        assert!(stderr.contains("--break-lock"), "{stderr}");
+    }
+
+    assert_eq!(first.wait().unwrap().code(), Some(0));
+    assert!(!lease.exists(), "released at the end");
+    let out = fleet.rollout(&fleet.site("v2"), &["--health-command", "true"]);
+    assert_eq!(out.status.code(), Some(0), "the lock is free again");
+
+    // A holder killed with -9 leaves its lease behind; on this machine a dead holder holds
+    // nothing, so the next command goes ahead.
+    let dead = Command::new("true").spawn().unwrap();
+    let pid = dead.id();
+    drop(dead.wait_with_output());
+    std::fs::write(
+        &lease,
+        serde_json::json!({
+            "operation": "rollout of fleet lk to gone",
+            "user": "me", "host": "here", "pid": pid,
+            "since_unix": 1, "renewed_unix": 4102444800u64, "ttl_secs": 300, "nonce": "n"
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let out = fleet.run(&["destroy"]);
+    assert_eq!(out.status.code(), Some(0));
+}

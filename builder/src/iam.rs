@@ -154,6 +154,8 @@ const IMPORT_TASKS: &str = "arn:{partition}:ec2:{region}:{account}:import-snapsh
 /// prefixed `amictl-pr-N-`.
 const IMPORT_BUCKET: &str = "arn:{partition}:s3:::{prefix}*import-{account}-{region}";
 const IMPORT_OBJECTS: &str = "arn:{partition}:s3:::{prefix}*import-{account}-{region}/*";
+/// The fleets' locks in that bucket ([`crate::lock::s3::KEY_PREFIX`]).
+const FLEET_LOCKS: &str = "arn:{partition}:s3:::{prefix}*import-{account}-{region}/amictl/locks/*";
 /// The stack's access log bucket (`${Prefix}logs-${AWS::AccountId}-${AWS::Region}`): the
 /// load balancer's log delivery writes to it, not the caller.
 const LOG_BUCKET: &str = "arn:{partition}:s3:::{prefix}*logs-{account}-{region}";
@@ -284,6 +286,19 @@ pub const GRANTS: &[Grant] = &[
             (PUBLISH, "s3:GetObject"),
         ],
         resources: &[IMPORT_OBJECTS],
+        conditions: &[],
+    },
+    Grant {
+        sid: "FleetLock",
+        // The fleet's lease (`lock/s3.rs`) in the stack's bucket, under its own key prefix:
+        // conditional PutObject to take and renew it, conditional DeleteObject to release
+        // it, which S3 authorizes only with s3:GetObject as well.
+        actions: &[
+            (&[Rollout, Destroy], "s3:DeleteObject"),
+            (&[Rollout, Destroy], "s3:GetObject"),
+            (&[Rollout, Destroy], "s3:PutObject"),
+        ],
+        resources: &[FLEET_LOCKS],
         conditions: &[],
     },
     Grant {
@@ -568,7 +583,8 @@ pub const GRANTS: &[Grant] = &[
             (STACK, "cloudformation:DeleteStack"),
             (STACK, "cloudformation:DescribeChangeSet"),
             (STACK, "cloudformation:DescribeStackEvents"),
-            (&[Rollout, Stack], "cloudformation:DescribeStacks"),
+            // `rollout --stack` and `destroy --stack` read the outputs (the lock's bucket).
+            (&[Rollout, Destroy, Stack], "cloudformation:DescribeStacks"),
             (STACK, "cloudformation:ExecuteChangeSet"),
         ],
         resources: &["arn:{partition}:cloudformation:{region}:{account}:stack/{prefix}*/*"],

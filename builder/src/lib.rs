@@ -10,6 +10,7 @@ pub mod fleet;
 pub mod iam;
 pub mod image;
 pub mod local;
+pub mod lock;
 pub mod policy;
 pub mod rollout;
 pub mod ssm;

@@ -19,10 +19,14 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::time::Instant;
 
+use crate::cmd::lock::{self, LockArgs};
 use crate::cmd::Provider;
 use crate::fleet::ec2::{Ec2Compute, Ec2LaunchSettings};
 use crate::fleet::table::table;
 use crate::fleet::{Compute, Instance, InstanceState};
+use crate::lock::file::FileStore;
+use crate::lock::s3::S3Store;
+use crate::lock::{Lease, LeaseStore};
 
 /// Between two looks at whether the instances are gone: EC2 takes from seconds to a couple
 /// of minutes to terminate, and DescribeInstances every 5 s stays far below its rate limit.
@@ -45,6 +49,11 @@ pub struct Args {
     /// Seconds to wait for the terminated instances to be gone.
     #[arg(long, value_name = "SECS", default_value_t = 600)]
     pub timeout: u64,
+    /// AWS: the stack the fleet runs in, whose bucket holds the fleet's lock.
+    #[arg(long, value_name = "NAME")]
+    pub stack: Option<String>,
+    #[command(flatten)]
+    pub lock: LockArgs,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<i32> {
@@ -54,6 +63,17 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
     }
     match args.provider {
         Provider::Local => {
+            // Not while another command changes the fleet. The lease goes with the fleet's
+            // directory.
+            let store = crate::local::Store::open(&args.fleet)?;
+            let _lease = if store.dir.exists() {
+                match hold(FileStore::new(store.lease_path()), &args).await? {
+                    Ok(lease) => Some(lease),
+                    Err(code) => return Ok(code),
+                }
+            } else {
+                None
+            };
             match local_destroy(&args.fleet).await? {
                 Some(stopped) => eprintln!(
                     "fleet {} destroyed: {} stopped",
@@ -77,7 +97,43 @@ async fn local_destroy(fleet: &str) -> anyhow::Result<Option<usize>> {
 
 async fn run_aws(args: Args) -> anyhow::Result<i32> {
     let config = crate::aws::load(args.region.as_deref()).await?;
-    let compute = Ec2Compute::new(&config, Ec2LaunchSettings::default());
+    let bucket = match (&args.lock.lock_bucket, &args.stack) {
+        (Some(b), _) => Some(b.clone()),
+        (None, Some(stack)) => {
+            let stacks = crate::stack::CloudFormation::new(&config);
+            match crate::stack::read_outputs(&stacks, stack).await {
+                Ok(outputs) => Some(outputs.import_bucket),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return Ok(2);
+                }
+            }
+        }
+        (None, None) => {
+            tracing::warn!(fleet = %args.fleet, "no lock bucket (--stack or --lock-bucket): nothing stops a rollout of this fleet meanwhile");
+            None
+        }
+    };
+    let lease = match bucket {
+        Some(bucket) => match hold(S3Store::new(&config, &bucket, &args.fleet), &args).await? {
+            Ok(lease) => Some(lease),
+            Err(code) => return Ok(code),
+        },
+        None => None,
+    };
+    let code = destroy_aws(&args, &config).await;
+    lock::release(lease).await;
+    code
+}
+
+/// The fleet's lock for this destroy, or the exit code to stop with.
+async fn hold<S: LeaseStore>(store: S, args: &Args) -> anyhow::Result<Result<Lease<S>, i32>> {
+    let operation = format!("destroy of fleet {}", args.fleet);
+    lock::take(store, &args.fleet, operation, &args.lock, args.yes).await
+}
+
+async fn destroy_aws(args: &Args, config: &aws_config::SdkConfig) -> anyhow::Result<i32> {
+    let compute = Ec2Compute::new(config, Ec2LaunchSettings::default());
     let consent = consent(args.yes, std::io::stdin().is_terminal());
     let outcome = destroy(
         &compute,

@@ -18,6 +18,8 @@ use crate::fleet::health::{
     check, heal, render, render_heals, worst, AgentReport, Heal, InstanceHealth, Verdict,
 };
 use crate::fleet::{Command, Compute, Instance, InstanceState};
+use crate::lock::file::FileStore;
+use crate::lock::{Holder, Takeover, DEFAULT_TTL};
 use crate::ssm::documents::{on_aws, Document};
 use crate::ssm::SsmRunCommand;
 
@@ -180,6 +182,49 @@ async fn local(
     if !args.heal {
         return Ok((rows, None));
     }
+    // Healing changes the fleet: not while a rollout (or another heal) does.
+    let lease = match crate::lock::acquire(
+        std::sync::Arc::new(FileStore::new(store.lease_path())),
+        fleet,
+        Holder::here(format!("health --heal of fleet {fleet}"), DEFAULT_TTL),
+        Takeover::Never,
+    )
+    .await
+    {
+        Ok(lease) => lease,
+        Err(e) => {
+            let heals = rows
+                .iter()
+                .filter(|r| r.status == Verdict::Unhealthy)
+                .map(|r| Heal {
+                    instance_id: r.instance_id.clone(),
+                    before: r.status,
+                    after: Some(r.status),
+                    restart: format!("not healed: {e}"),
+                })
+                .collect();
+            return Ok((rows, Some(heals)));
+        }
+    };
+    let healed = heal_local(&store, &lb, rows).await;
+    crate::cmd::lock::release(Some(lease)).await;
+    let mut heals = healed?;
+    // A replaced instance has no row any more: its "after" is the fleet's.
+    let after = survey().await?;
+    let fleet_verdict = worst(&after);
+    for h in &mut heals {
+        let row = after.iter().find(|a| a.instance_id == h.instance_id);
+        h.after = Some(row.map_or(fleet_verdict, |a| a.status));
+    }
+    Ok((after, Some(heals)))
+}
+
+/// Restarts the load balancer if it is down and replaces the unhealthy instances.
+async fn heal_local(
+    store: &crate::local::Store,
+    lb: &crate::local::LocalBalancer,
+    rows: Vec<InstanceHealth>,
+) -> anyhow::Result<Vec<Heal>> {
     let mut heals = Vec::new();
     if let Some(row) = rows.iter().find(|r| r.instance_id == LOAD_BALANCER_ROW) {
         let restart = match lb.ensure_running().await {
@@ -207,7 +252,7 @@ async fn local(
             .filter(|r| r.outcome != "down")
             .map(|r| r.instance_id.clone())
             .collect();
-        let replaced = match crate::local::replace(&store, &running_sick).await {
+        let replaced = match crate::local::replace(store, &running_sick).await {
             Ok(crate::rollout::engine::Outcome::Done { launched, .. }) => {
                 format!("replaced ({launched} launched)")
             }
@@ -223,14 +268,7 @@ async fn local(
             restart: replaced.clone(),
         }));
     }
-    // A replaced instance has no row any more: its "after" is the fleet's.
-    let after = survey().await?;
-    let fleet_verdict = worst(&after);
-    for h in &mut heals {
-        let row = after.iter().find(|a| a.instance_id == h.instance_id);
-        h.after = Some(row.map_or(fleet_verdict, |a| a.status));
-    }
-    Ok((after, Some(heals)))
+    Ok(heals)
 }
 
 /// The running instances; the others are mentioned, not checked.

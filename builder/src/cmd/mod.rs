@@ -9,6 +9,7 @@ pub mod health;
 pub mod iam_policy;
 pub mod image;
 pub mod local_balancer;
+pub mod lock;
 pub mod rollout;
 pub mod stack;
 pub mod up;

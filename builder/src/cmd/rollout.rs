@@ -8,12 +8,16 @@ use std::time::Duration;
 use anyhow::Context;
 use tracing::{info, warn};
 
+use crate::cmd::lock::{self, LockArgs};
 use crate::cmd::Provider;
 use crate::fleet::ec2::{spec_digest, Ec2Compute, Ec2LaunchSettings};
 use crate::fleet::elb::{CloudWatchAlarms, TargetGroup};
 use crate::fleet::{Alarms, Compute, LoadBalancer, Placement, RunCommand};
 use crate::local::state::FleetState;
 use crate::local::{LocalBalancer, LocalCompute, LocalRunCommand, NoAlarms, Store, Tuning};
+use crate::lock::file::FileStore;
+use crate::lock::s3::S3Store;
+use crate::lock::Lease;
 use crate::rollout::config::{merge, ConfigFile, FleetConfig, FleetFile};
 use crate::rollout::engine::{Effects, Engine, Outcome, RolloutError, Settings};
 use crate::rollout::journal::{new_id, resolve, Entry, Journal, Resolution, State};
@@ -22,6 +26,7 @@ use crate::ssm::documents::{on_aws, Document};
 use crate::ssm::SsmRunCommand;
 use crate::stack::outputs::beneath;
 use crate::stack::StackError;
+use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -110,6 +115,11 @@ pub struct Args {
     /// the URL printed last is its load balancer's.
     #[arg(long, value_name = "NAME")]
     pub stack: Option<String>,
+    #[command(flatten)]
+    pub lock: LockArgs,
+    /// With --break-lock: take over a live lease without asking.
+    #[arg(long, requires = "break_lock")]
+    pub yes: bool,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<i32> {
@@ -136,6 +146,7 @@ async fn run_aws(args: Args) -> anyhow::Result<i32> {
         max_surge: args.max_surge,
         alarms: args.alarms.clone(),
         bake: args.bake,
+        lock_bucket: args.lock.lock_bucket.clone(),
     };
     // The stack's outputs slot in beneath the fleet's amictl.toml table.
     let mut loaded = None;
@@ -227,8 +238,59 @@ async fn run_aws(args: Args) -> anyhow::Result<i32> {
         security_group_ids: fleet.security_groups.clone(),
         instance_profile: fleet.instance_profile.clone(),
     };
-    let compute = Ec2Compute::new(&config, launch.clone());
-    let ssm = SsmRunCommand::new(&config, &fleet.prefix);
+    // One change of the fleet at a time, from here to the end (a dry run changes nothing).
+    let lease = match (&fleet.lock_bucket, args.dry_run) {
+        (_, true) => None,
+        (None, false) => {
+            warn!(fleet = %args.fleet, "no lock bucket (--stack or --lock-bucket): nothing stops another rollout of this fleet meanwhile");
+            None
+        }
+        (Some(bucket), false) => {
+            let store = S3Store::new(&config, bucket, &args.fleet);
+            match lock::take(
+                store,
+                &args.fleet,
+                operation(&args.fleet, &fleet.ami),
+                &args.lock,
+                args.yes,
+            )
+            .await?
+            {
+                Ok(lease) => Some(lease),
+                Err(code) => return Ok(code),
+            }
+        }
+    };
+    let result = rollout_aws(
+        &args,
+        &config,
+        &fleet,
+        placements,
+        launch,
+        health,
+        lease.as_ref().map(Lease::lost_token),
+    )
+    .await;
+    lock::release(lease).await;
+    result
+}
+
+/// What a fleet's lock says its holder is doing (pure).
+fn operation(fleet: &str, image: &str) -> String {
+    format!("rollout of fleet {fleet} to {image}")
+}
+
+async fn rollout_aws(
+    args: &Args,
+    config: &aws_config::SdkConfig,
+    fleet: &FleetConfig,
+    placements: Vec<Placement>,
+    launch: Ec2LaunchSettings,
+    health: crate::fleet::Command,
+    lost: Option<CancellationToken>,
+) -> anyhow::Result<i32> {
+    let compute = Ec2Compute::new(config, launch.clone());
+    let ssm = SsmRunCommand::new(config, &fleet.prefix);
     if !args.dry_run {
         // All of them, so that `health` and `drift`, whose IAM scopes may only read
         // documents, find theirs.
@@ -237,13 +299,13 @@ async fn run_aws(args: Args) -> anyhow::Result<i32> {
             .context("making sure amictl's SSM documents exist (nothing was launched)")?;
     }
     let alarms = CloudWatchAlarms {
-        client: aws_sdk_cloudwatch::Client::new(&config),
+        client: aws_sdk_cloudwatch::Client::new(config),
     };
     let lb = fleet.target_group.as_ref().map(|arn| TargetGroup {
-        client: aws_sdk_elasticloadbalancingv2::Client::new(&config),
+        client: aws_sdk_elasticloadbalancingv2::Client::new(config),
         arn: arn.clone(),
     });
-    let settings = settings(&args, &fleet, placements, &launch, health);
+    let settings = settings(args, fleet, placements, &launch, health);
 
     let fx = Effects {
         compute: &compute,
@@ -251,7 +313,7 @@ async fn run_aws(args: Args) -> anyhow::Result<i32> {
         lb: lb.as_ref(),
         alarms: &alarms,
     };
-    drive(&args, fx, &settings, Journal::default_location()).await
+    drive(args, fx, &settings, Journal::default_location(), lost).await
 }
 
 /// The rollout of `settings` through `fx`, whatever the provider: resume or start, run or
@@ -261,6 +323,7 @@ async fn drive<C: Compute, R: RunCommand, L: LoadBalancer, A: Alarms>(
     fx: Effects<'_, C, R, L, A>,
     settings: &Settings,
     journal: Option<Journal>,
+    lost: Option<CancellationToken>,
 ) -> anyhow::Result<i32> {
     let image = settings.desired.image.clone();
     let compute = fx.compute;
@@ -327,10 +390,24 @@ async fn drive<C: Compute, R: RunCommand, L: LoadBalancer, A: Alarms>(
             engine.run().await
         }
     };
+    let lost = async {
+        match &lost {
+            Some(token) => token.cancelled().await,
+            None => std::future::pending().await,
+        }
+    };
     // The fleet's tags record every step, so stopping at any await point is safe: say how
     // to go on rather than try to clean up half-way.
     let result = tokio::select! {
         r = work => r,
+        () = lost => {
+            save(State::NeedsAttention);
+            eprintln!(
+                "NEEDS ATTENTION: rollout {rollout} of fleet {} lost the fleet's lock (another amictl took it over) and stopped where it was; once that run is done, run this command again to resume, or add --abort to roll back",
+                args.fleet
+            );
+            return Ok(4);
+        }
         _ = tokio::signal::ctrl_c() => {
             eprintln!(
                 "interrupted: rollout {rollout} of fleet {} stopped where it was; run the same command again to resume it, or add --abort to roll it back",
@@ -490,6 +567,40 @@ async fn run_local(args: Args) -> anyhow::Result<i32> {
         targets: Vec::new(),
         instances: Default::default(),
     })?;
+    // One change of the fleet at a time: a second rollout, `health --heal` or `destroy`
+    // is refused while this one runs. A dry run changes nothing.
+    let lease = if args.dry_run {
+        None
+    } else {
+        let store = FileStore::new(store.lease_path());
+        match lock::take(
+            store,
+            &args.fleet,
+            operation(&args.fleet, &release.id),
+            &args.lock,
+            args.yes,
+        )
+        .await?
+        {
+            Ok(lease) => Some(lease),
+            Err(code) => return Ok(code),
+        }
+    };
+    let lost = lease.as_ref().map(Lease::lost_token);
+    let result = rollout_local(&args, &store, release, agent, per_az, health_command, lost).await;
+    lock::release(lease).await;
+    result
+}
+
+async fn rollout_local(
+    args: &Args,
+    store: &Store,
+    release: crate::local::release::Release,
+    agent: PathBuf,
+    per_az: usize,
+    health_command: String,
+    lost: Option<CancellationToken>,
+) -> anyhow::Result<i32> {
     // Instances launch with the fleet's agent; the size and health command become the
     // fleet's only when the rollout succeeds (a failed one must not change what `health`
     // runs).
@@ -532,7 +643,14 @@ async fn run_local(args: Args) -> anyhow::Result<i32> {
         lb: Some(&lb),
         alarms: &NoAlarms,
     };
-    let code = drive(&args, fx, &settings, Some(crate::local::journal(&store))).await?;
+    let code = drive(
+        args,
+        fx,
+        &settings,
+        Some(crate::local::journal(store)),
+        lost,
+    )
+    .await?;
     if code == 0 {
         // What `health --heal` restores from now on.
         store.update(|s| {

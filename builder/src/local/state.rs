@@ -135,6 +135,10 @@ impl Store {
     pub fn releases_dir(&self) -> PathBuf {
         self.dir.join("releases")
     }
+    /// The fleet's lock ([`crate::lock::file`]): held by whatever is changing the fleet.
+    pub fn lease_path(&self) -> PathBuf {
+        self.dir.join("lease.json")
+    }
 
     pub fn exists(&self) -> bool {
         self.file().exists()

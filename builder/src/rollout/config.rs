@@ -25,6 +25,8 @@ pub struct FleetFile {
     pub max_surge: Option<usize>,
     pub alarms: Option<Vec<String>>,
     pub bake: Option<u64>,
+    /// The S3 bucket holding the fleet's lock (the stack's bucket, with `--stack`).
+    pub lock_bucket: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -51,6 +53,7 @@ pub struct FleetConfig {
     pub max_surge: usize,
     pub alarms: Vec<String>,
     pub bake: u64,
+    pub lock_bucket: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -141,6 +144,7 @@ pub fn merge(
         max_surge: cli.max_surge.or(f.max_surge).unwrap_or(1).max(1),
         alarms: cli.alarms.or(f.alarms).unwrap_or_default(),
         bake: cli.bake.or(f.bake).unwrap_or(0),
+        lock_bucket: cli.lock_bucket.or(f.lock_bucket),
     })
 }
 

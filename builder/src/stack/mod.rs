@@ -152,7 +152,9 @@ pub async fn read_outputs<S: Stacks>(stacks: &S, name: &str) -> Result<StackOutp
         .describe(name)
         .await?
         .ok_or_else(|| StackError::NotFound(name.to_owned()))?;
-    Ok(StackOutputs::parse(name, &stack.outputs)?)
+    let mut outputs = StackOutputs::parse(name, &stack.outputs)?;
+    outputs.prefix = stack.parameters.get("Prefix").cloned();
+    Ok(outputs)
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -35,6 +35,10 @@ pub struct StackOutputs {
     /// The load balancer's address, `http://DNS/`.
     pub url: String,
     pub import_bucket: String,
+    /// The stack's `Prefix` parameter: the prefix of the names in it, and of the fleet's
+    /// SSM documents. Not an output; read beside them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -77,6 +81,7 @@ impl StackOutputs {
             alarms: list(&get(key::ALARMS)),
             url: get(key::URL),
             import_bucket: get(key::IMPORT_BUCKET),
+            prefix: None,
         };
         if missing.is_empty() {
             Ok(parsed)
@@ -88,8 +93,10 @@ impl StackOutputs {
         }
     }
 
-    /// What `rollout --stack` starts from: the fleet's network, profile, target group and
-    /// alarms. Everything else (AMI, size, type, ...) stays with the flags and amictl.toml.
+    /// What `rollout --stack` starts from: the fleet's network, profile, target group,
+    /// alarms, the stack's prefix (whose SSM documents it gates on) and its bucket (which
+    /// holds the fleet's lock). Everything else (AMI, size, type, ...) stays with the flags
+    /// and amictl.toml.
     pub fn fleet_defaults(&self) -> FleetFile {
         FleetFile {
             subnets: Some(self.subnets.clone()),
@@ -97,6 +104,8 @@ impl StackOutputs {
             instance_profile: Some(self.instance_profile.clone()),
             target_group: Some(self.target_group.clone()),
             alarms: Some(self.alarms.clone()),
+            lock_bucket: Some(self.import_bucket.clone()),
+            prefix: self.prefix.clone(),
             ..FleetFile::default()
         }
     }
@@ -121,6 +130,7 @@ pub fn beneath(upper: Option<&FleetFile>, lower: FleetFile) -> FleetFile {
         max_surge: u.max_surge.or(lower.max_surge),
         alarms: u.alarms.or(lower.alarms),
         bake: u.bake.or(lower.bake),
+        lock_bucket: u.lock_bucket.or(lower.lock_bucket),
     }
 }
 
@@ -194,9 +204,9 @@ mod tests {
 
     #[test]
     fn flags_then_file_then_stack() {
-        let stack = StackOutputs::parse("web", &full())
-            .unwrap()
-            .fleet_defaults();
+        let mut outputs = StackOutputs::parse("web", &full()).unwrap();
+        outputs.prefix = Some("amictl-pr-7-".into());
+        let stack = outputs.fleet_defaults();
         let file = FleetFile {
             target_group: Some("tg-from-file".into()),
             ami: Some("ami-file".into()),
@@ -213,6 +223,10 @@ mod tests {
         assert_eq!(c.instance_profile.as_deref(), Some("amictl-instance"));
         assert_eq!(c.alarms.len(), 2);
         assert_eq!(c.ami, "ami-file");
+        // The stack's prefix names the SSM documents the gate sends; its bucket holds the
+        // fleet's lock.
+        assert_eq!(c.prefix, "amictl-pr-7-");
+        assert_eq!(c.lock_bucket.as_deref(), Some("amictl-import-1-us-east-1"));
         // Without a file table, the stack's values alone.
         let c = merge(
             "web",

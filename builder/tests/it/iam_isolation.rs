@@ -331,6 +331,21 @@ fn against_main() -> Vec<Operation> {
             )],
         },
         Operation {
+            what: "take over or release main's fleet lock",
+            requests: vec![
+                req(
+                    "s3:PutObject",
+                    "arn:aws:s3:::amictl-main-import-123456789012-us-east-1/amictl/locks/amictl-main-web.json",
+                    &[],
+                ),
+                req(
+                    "s3:DeleteObject",
+                    "arn:aws:s3:::amictl-main-import-123456789012-us-east-1/amictl/locks/amictl-main-web.json",
+                    &[],
+                ),
+            ],
+        },
+        Operation {
             what: "overwrite an object in main's import bucket",
             requests: vec![req(
                 "s3:PutObject",

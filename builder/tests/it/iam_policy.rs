@@ -811,10 +811,18 @@ fn scopes_and_target_narrow_the_policy() {
     let (_, destroy) = printed_policy(&["--scope", "destroy"]);
     assert_eq!(
         policy_actions(&destroy),
-        BTreeSet::from([
-            "ec2:DescribeInstances".to_owned(),
-            "ec2:TerminateInstances".to_owned()
-        ])
+        BTreeSet::from(
+            [
+                "cloudformation:DescribeStacks",
+                "ec2:DescribeInstances",
+                "ec2:TerminateInstances",
+                // The fleet's lock.
+                "s3:DeleteObject",
+                "s3:GetObject",
+                "s3:PutObject",
+            ]
+            .map(str::to_owned)
+        )
     );
     let (text, _) = printed_policy(&[
         "--scope",

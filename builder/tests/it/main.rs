@@ -12,6 +12,7 @@ mod iam_isolation;
 mod iam_policy;
 mod image_lifecycle_moto;
 mod local_balancer;
+mod lock_moto;
 mod policy;
 mod publish_engine;
 mod publish_moto;
