@@ -20,6 +20,8 @@ struct Fleet {
     name: String,
     state: tempfile::TempDir,
     sites: tempfile::TempDir,
+    /// Whether the fleet replaces its dead instances by itself (its balancer's supervisor).
+    supervised: bool,
 }
 
 impl Fleet {
@@ -28,7 +30,15 @@ impl Fleet {
             name: name.into(),
             state: tempfile::tempdir().unwrap(),
             sites: tempfile::tempdir().unwrap(),
+            supervised: true,
         }
+    }
+
+    /// A fleet whose dead instances stay dead until `health --heal`.
+    fn unsupervised(name: &str) -> Self {
+        let mut fleet = Fleet::new(name);
+        fleet.supervised = false;
+        fleet
     }
 
     /// A site whose version.txt says `version`.
@@ -51,6 +61,10 @@ impl Fleet {
             .env("XDG_STATE_HOME", self.state.path())
             .env("AMICTL_LOG", "info")
             .env_remove("AMICTL_PROVIDER")
+            .env(
+                "AMICTL_LOCAL_SUPERVISOR",
+                if self.supervised { "on" } else { "off" },
+            )
             .stdin(Stdio::null());
         cmd
     }
@@ -305,6 +319,20 @@ fn failures(seen: &[Result<String, String>]) -> Vec<&String> {
     seen.iter().filter_map(|r| r.as_ref().err()).collect()
 }
 
+/// Neither the prober on fresh connections nor the keep-alive one saw a failed request.
+fn assert_no_failures(seen: &[Result<String, String>], kept: &[Result<String, String>]) {
+    assert!(
+        failures(seen).is_empty(),
+        "failed requests: {:?}",
+        failures(seen)
+    );
+    assert!(
+        failures(kept).is_empty(),
+        "failed keep-alive requests: {:?}",
+        failures(kept)
+    );
+}
+
 #[test]
 fn rollouts_lose_no_request_and_a_broken_release_rolls_back() {
     agent();
@@ -324,18 +352,8 @@ fn rollouts_lose_no_request_and_a_broken_release_rolls_back() {
     assert_eq!(url(&out), addr, "the URL does not move");
     let done = Instant::now();
     std::thread::sleep(Duration::from_millis(500));
-    let seen = prober.finish();
-    let kept = kept.finish();
-    assert!(
-        failures(&seen).is_empty(),
-        "failed requests: {:?}",
-        failures(&seen)
-    );
-    assert!(
-        failures(&kept).is_empty(),
-        "failed keep-alive requests: {:?}",
-        failures(&kept)
-    );
+    let (seen, kept) = (prober.finish(), kept.finish());
+    assert_no_failures(&seen, &kept);
     assert!(
         kept.len() > 500,
         "the keep-alive prober ran: {} requests",
@@ -432,7 +450,8 @@ fn rollouts_lose_no_request_and_a_broken_release_rolls_back() {
 #[test]
 fn a_killed_instance_is_healed_and_an_interrupted_rollout_resumes() {
     agent();
-    let fleet = Fleet::new("api");
+    // `health --heal` is what heals here: the fleet's own supervisor is off.
+    let fleet = Fleet::unsupervised("api");
     let out = fleet.rollout(&fleet.site("v1"), &["--per-az", "2"]);
     assert_eq!(out.status.code(), Some(0));
     let addr = url(&out);
@@ -643,4 +662,146 @@ fn one_change_of_a_fleet_at_a_time() {
     .unwrap();
     let out = fleet.run(&["destroy"]);
     assert_eq!(out.status.code(), Some(0));
+}
+
+/// The fleet's instances that are not terminated, by id.
+fn ids(fleet: &Fleet) -> BTreeSet<String> {
+    fleet.instances().into_iter().map(|i| i.0).collect()
+}
+
+fn kill9(fleet: &Fleet, id: &str) {
+    let pid = fleet.state()["instances"][id]["pid"].as_u64().unwrap() as i32;
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(pid).unwrap(),
+        rustix::process::Signal::KILL,
+    )
+    .unwrap();
+}
+
+/// Waits (reading the fleet's files only) until `dead` is replaced: `count` instances, all
+/// alive, exactly the balancer's targets, each healthy in the balancer's latest status.
+fn wait_replaced(fleet: &Fleet, dead: &str, count: usize, within: Duration) -> BTreeSet<String> {
+    let deadline = Instant::now() + within;
+    loop {
+        let state = fleet.state();
+        let ids = ids(fleet);
+        let targets: BTreeSet<String> = state["targets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_str().unwrap().to_owned())
+            .collect();
+        let file = |name: &str| -> serde_json::Value {
+            std::fs::read(fleet.dir().join("balancer").join(name))
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+                .unwrap_or_default()
+        };
+        let routed: BTreeSet<String> = file("targets.json")["targets"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|t| t["id"].as_str().unwrap().to_owned())
+            .collect();
+        let status = file("status.json");
+        let healthy: BTreeSet<String> = status["targets"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(_, t)| t["state"] == "healthy")
+            .map(|(id, _)| id.clone())
+            .collect();
+        let current = status["generation"].as_u64() >= state["generation"].as_u64();
+        if ids.len() == count
+            && !ids.contains(dead)
+            && fleet.live_processes() == ids
+            && targets == ids
+            && routed == ids
+            && current
+            && healthy == ids
+        {
+            return ids;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{dead} not replaced within {within:?}: instances {ids:?}, live {:?}, targets {targets:?}, routed {routed:?}, healthy {healthy:?}",
+            fleet.live_processes()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn the_fleet_replaces_a_killed_instance_by_itself_unless_it_is_locked() {
+    agent();
+    let fleet = Fleet::new("self");
+    let out = fleet.rollout(&fleet.site("v1"), &["--per-az", "2"]);
+    assert_eq!(out.status.code(), Some(0));
+    let addr = url(&out);
+    let before = ids(&fleet);
+    assert_eq!(before.len(), 4);
+
+    // kill -9 one instance under load, and run no amictl command until it is replaced.
+    let prober = Prober::start(addr);
+    let kept = KeepAliveProber::start(addr, 4);
+    std::thread::sleep(Duration::from_millis(300));
+    let victim = before.first().unwrap().clone();
+    let az = fleet.state()["instances"][&victim]["az"].clone();
+    let killed = Instant::now();
+    kill9(&fleet, &victim);
+    let after = wait_replaced(&fleet, &victim, 4, Duration::from_secs(10));
+    eprintln!(
+        "kill -9 to a healthy replacement in the targets: {:?}",
+        killed.elapsed()
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let (seen, kept) = (prober.finish(), kept.finish());
+    assert_no_failures(&seen, &kept);
+    assert!(seen.len() > 200, "the prober ran: {} requests", seen.len());
+    assert!(seen.iter().chain(&kept).all(|r| r.as_deref() == Ok("v1")));
+    let new: Vec<&String> = after.difference(&before).collect();
+    assert_eq!(new.len(), 1, "one replacement: {after:?}");
+    let state = fleet.state();
+    assert_eq!(state["instances"][new[0]]["az"], az, "in the same AZ");
+    assert_eq!(
+        state["instances"][new[0]]["image"], state["image"],
+        "on the fleet's release"
+    );
+    assert_eq!(state["instances"][&victim]["terminated"], true);
+    let out = fleet.run(&["health"]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{table}");
+    assert!(
+        table.contains(new[0].as_str()) && !table.contains(&victim),
+        "{table}"
+    );
+
+    // While someone else holds the fleet's lease (a live process: this one), a dead
+    // instance stays as it is; once the lease is gone, it is replaced.
+    let lease = fleet.dir().join("lease.json");
+    std::fs::write(
+        &lease,
+        serde_json::json!({
+            "operation": "rollout of fleet self to elsewhere",
+            "user": "me", "host": "here", "pid": std::process::id(),
+            "since_unix": 1, "renewed_unix": 4102444800u64, "ttl_secs": 300, "nonce": "n"
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let victim = after.last().unwrap().clone();
+    kill9(&fleet, &victim);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(ids(&fleet), after, "nothing launched or terminated");
+    assert!(!fleet.live_processes().contains(&victim));
+    assert!(fleet.state()["targets"]
+        .as_array()
+        .unwrap()
+        .contains(&serde_json::json!(victim)));
+    let log = std::fs::read_to_string(fleet.dir().join("balancer/balancer.log")).unwrap();
+    assert!(log.contains("rollout of fleet self to elsewhere"), "{log}");
+    std::fs::remove_file(&lease).unwrap();
+    let end = wait_replaced(&fleet, &victim, 4, Duration::from_secs(10));
+    assert_eq!(end.intersection(&after).count(), 3);
+    assert_eq!(fleet.run(&["health"]).status.code(), Some(0));
 }

@@ -1,6 +1,7 @@
 //! `amictl local-balancer --dir DIR --listen ADDR`: the local fleet's load balancer, started
 //! detached by `rollout --provider local` (see [`crate::local::balancer`] for the files it
-//! reads and writes in DIR). Runs until SIGTERM or Ctrl-C.
+//! reads and writes in DIR). Runs until SIGTERM or Ctrl-C. Beside the proxy runs the
+//! fleet's supervisor ([`crate::local::supervisor`]): the fleet is DIR's parent directory.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -10,6 +11,7 @@ use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
 
 use crate::local::balancer::{self, BalancerSettings};
+use crate::local::{supervisor, Store};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -19,6 +21,18 @@ pub struct Args {
     /// The stable address clients connect to, e.g. 127.0.0.1:8080.
     #[arg(long)]
     pub listen: SocketAddr,
+    /// Replace the fleet's instances whose process is gone (the fleet in DIR's parent).
+    /// `AMICTL_LOCAL_SUPERVISOR=off` in the environment of the amictl that starts the
+    /// balancer turns it off: dead instances then wait for `health --heal`.
+    #[arg(
+        long,
+        env = "AMICTL_LOCAL_SUPERVISOR",
+        value_name = "on|off",
+        default_value = "on",
+        value_parser = clap::builder::BoolishValueParser::new(),
+        action = clap::ArgAction::Set
+    )]
+    pub supervise: bool,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<i32> {
@@ -32,8 +46,41 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
     let listener = bind(args.listen)?;
     let shutdown = CancellationToken::new();
     crate::cmd::cancel_on_signal(shutdown.clone());
-    balancer::serve(&args.dir, listener, BalancerSettings::default(), shutdown).await?;
+    let supervisor = match (args.supervise, fleet_of(&args.dir)) {
+        (true, Some(store)) => Some(tokio::spawn(supervisor::run(
+            store,
+            supervisor::Settings::default(),
+            shutdown.clone(),
+        ))),
+        (true, None) => {
+            tracing::warn!(dir = %args.dir.display(), "not a local fleet's balancer directory: no supervisor");
+            None
+        }
+        (false, _) => None,
+    };
+    let served = balancer::serve(
+        &args.dir,
+        listener,
+        BalancerSettings::default(),
+        shutdown.clone(),
+    )
+    .await;
+    // The supervisor goes with the balancer (it lets a replacement in progress clean up).
+    shutdown.cancel();
+    if let Some(supervisor) = supervisor {
+        let _ = supervisor.await;
+    }
+    served?;
     Ok(0)
+}
+
+/// The fleet whose balancer directory is `dir` (`<fleet dir>/balancer`).
+fn fleet_of(dir: &std::path::Path) -> Option<Store> {
+    let dir = std::path::absolute(dir).ok()?;
+    let fleet_dir = dir.parent()?;
+    let name = fleet_dir.file_name()?.to_str()?;
+    let store = Store::new(fleet_dir.parent()?, name).ok()?;
+    (store.balancer_dir() == dir).then_some(store)
 }
 
 fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {

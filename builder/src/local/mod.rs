@@ -11,6 +11,7 @@ pub mod process;
 pub mod release;
 pub mod run;
 pub mod state;
+pub mod supervisor;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
