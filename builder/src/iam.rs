@@ -438,10 +438,24 @@ pub const GRANTS: &[Grant] = &[
         resources: &[
             IMAGES,
             "arn:{partition}:ec2:{region}:{account}:network-interface/*",
+        ],
+        conditions: &[],
+    },
+    Grant {
+        sid: "LaunchIntoNetwork",
+        // The subnet and security groups a fleet launches into: a stack's of this prefix,
+        // or a network of the operator's own without amictl's tag (a rollout without a
+        // stack), never a stack's of another prefix.
+        actions: &[(ROLLOUT, "ec2:RunInstances")],
+        resources: &[
             "arn:{partition}:ec2:{region}:{account}:security-group/*",
             "arn:{partition}:ec2:{region}:{account}:subnet/*",
         ],
-        conditions: &[],
+        conditions: &[(
+            "StringLikeIfExists",
+            "aws:ResourceTag/amictl:prefix",
+            &["{prefix}*"],
+        )],
     },
     Grant {
         sid: "LaunchFleetInstances",
@@ -1218,7 +1232,16 @@ mod tests {
         let destroy = actions(&only(Destroy));
         assert_eq!(
             destroy.into_iter().collect::<Vec<_>>(),
-            ["ec2:DescribeInstances", "ec2:TerminateInstances"]
+            [
+                // `--stack`: the outputs name the lock's bucket.
+                "cloudformation:DescribeStacks",
+                "ec2:DescribeInstances",
+                "ec2:TerminateInstances",
+                // The fleet's lock.
+                "s3:DeleteObject",
+                "s3:GetObject",
+                "s3:PutObject"
+            ]
         );
         for s in [Health, Drift] {
             assert_eq!(
@@ -1295,7 +1318,15 @@ mod tests {
     fn a_statement_carries_only_the_asked_scopes_actions() {
         let p = policy(&only(Destroy), &anywhere());
         let sids: Vec<&str> = p.statement.iter().map(|s| s.sid).collect();
-        assert_eq!(sids, ["DescribeReadOnly", "TerminateFleetInstances"]);
+        assert_eq!(
+            sids,
+            [
+                "DescribeReadOnly",
+                "FleetLock",
+                "TerminateFleetInstances",
+                "CloudFormationStacks"
+            ]
+        );
         assert_eq!(
             find(&p, "DescribeReadOnly")["Action"],
             serde_json::json!(["ec2:DescribeInstances"])

@@ -6,6 +6,7 @@
 pub mod archive;
 pub mod aws;
 pub mod cmd;
+pub mod effects;
 pub mod fleet;
 pub mod iam;
 pub mod image;

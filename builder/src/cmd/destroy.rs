@@ -21,11 +21,10 @@ use tokio::time::Instant;
 
 use crate::cmd::lock::{self, LockArgs};
 use crate::cmd::Provider;
-use crate::fleet::ec2::{Ec2Compute, Ec2LaunchSettings};
+use crate::effects::aws::Aws;
+use crate::effects::local::LocalFleet;
 use crate::fleet::table::table;
 use crate::fleet::{Compute, Instance, InstanceState};
-use crate::lock::file::FileStore;
-use crate::lock::s3::S3Store;
 use crate::lock::{Lease, LeaseStore};
 
 /// Between two looks at whether the instances are gone: EC2 takes from seconds to a couple
@@ -65,9 +64,9 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
         Provider::Local => {
             // Not while another command changes the fleet. The lease goes with the fleet's
             // directory.
-            let store = crate::local::Store::open(&args.fleet)?;
-            let _lease = if store.dir.exists() {
-                match hold(FileStore::new(store.lease_path()), &args).await? {
+            let local = LocalFleet::open(&args.fleet)?;
+            let _lease = if local.store.dir.exists() {
+                match hold(local.lock(), &args).await? {
                     Ok(lease) => Some(lease),
                     Err(code) => return Ok(code),
                 }
@@ -96,11 +95,11 @@ async fn local_destroy(fleet: &str) -> anyhow::Result<Option<usize>> {
 }
 
 async fn run_aws(args: Args) -> anyhow::Result<i32> {
-    let config = crate::aws::load(args.region.as_deref()).await?;
+    let aws = Aws::connect(args.region.as_deref()).await?;
     let bucket = match (&args.lock.lock_bucket, &args.stack) {
         (Some(b), _) => Some(b.clone()),
         (None, Some(stack)) => {
-            let stacks = crate::stack::CloudFormation::new(&config);
+            let stacks = aws.stacks();
             match crate::stack::read_outputs(&stacks, stack).await {
                 Ok(outputs) => Some(outputs.import_bucket),
                 Err(e) => {
@@ -115,13 +114,13 @@ async fn run_aws(args: Args) -> anyhow::Result<i32> {
         }
     };
     let lease = match bucket {
-        Some(bucket) => match hold(S3Store::new(&config, &bucket, &args.fleet), &args).await? {
+        Some(bucket) => match hold(aws.lock(&bucket, &args.fleet), &args).await? {
             Ok(lease) => Some(lease),
             Err(code) => return Ok(code),
         },
         None => None,
     };
-    let code = destroy_aws(&args, &config).await;
+    let code = destroy_aws(&args, &aws).await;
     lock::release(lease).await;
     code
 }
@@ -132,8 +131,8 @@ async fn hold<S: LeaseStore>(store: S, args: &Args) -> anyhow::Result<Result<Lea
     lock::take(store, &args.fleet, operation, &args.lock, args.yes).await
 }
 
-async fn destroy_aws(args: &Args, config: &aws_config::SdkConfig) -> anyhow::Result<i32> {
-    let compute = Ec2Compute::new(config, Ec2LaunchSettings::default());
+async fn destroy_aws(args: &Args, aws: &Aws) -> anyhow::Result<i32> {
+    let compute = aws.instances();
     let consent = consent(args.yes, std::io::stdin().is_terminal());
     let outcome = destroy(
         &compute,

@@ -9,11 +9,11 @@ use serde::Serialize;
 
 use crate::cmd::health::running;
 use crate::cmd::Provider;
+use crate::effects::aws::Aws;
+use crate::effects::local::LocalFleet;
 use crate::fleet::drift::{assess, exit_code, render, InstanceDrift};
-use crate::fleet::ec2::{Ec2Compute, Ec2LaunchSettings};
 use crate::fleet::{Command, Compute, Invocation, RunCommand};
 use crate::ssm::documents::{on_aws, Document};
-use crate::ssm::SsmRunCommand;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -81,10 +81,9 @@ pub async fn run(mut args: Args) -> anyhow::Result<i32> {
                 args.health_document.as_deref(),
                 &args.prefix,
             )?;
-            let config = crate::aws::load(args.region.as_deref()).await?;
-            let compute = Ec2Compute::new(&config, Ec2LaunchSettings::default());
-            let runner = SsmRunCommand::new(&config, &args.prefix);
-            survey(&args, &compute, &runner, &drift, &health).await
+            let aws = Aws::connect(args.region.as_deref()).await?;
+            let runner = aws.run_command(&args.prefix);
+            survey(&args, &aws.instances(), &runner, &drift, &health).await
         }
         Provider::Local => {
             if let Some(d) = args
@@ -94,8 +93,8 @@ pub async fn run(mut args: Args) -> anyhow::Result<i32> {
             {
                 anyhow::bail!("SSM document {d}: SSM documents run on AWS; the local fleet takes --drift-command and --health-command");
             }
-            let store = crate::local::Store::open(&args.fleet)?;
-            let state = store.load()?;
+            let local = LocalFleet::open(&args.fleet)?;
+            let state = local.store.load()?;
             if args.ami.is_none() {
                 args.ami = state.image.clone();
             }
@@ -105,9 +104,7 @@ pub async fn run(mut args: Args) -> anyhow::Result<i32> {
                 .map_or(Command::Drift, Command::Shell);
             let health =
                 Command::Shell(args.health_command.clone().unwrap_or(state.health_command));
-            let compute = crate::local::LocalCompute::new(store.clone());
-            let runner = crate::local::LocalRunCommand { store };
-            survey(&args, &compute, &runner, &drift, &health).await
+            survey(&args, &local.compute, &local.run, &drift, &health).await
         }
     }
 }

@@ -13,15 +13,14 @@ use serde::Serialize;
 use tracing::info;
 
 use crate::cmd::Provider;
-use crate::fleet::ec2::{Ec2Compute, Ec2LaunchSettings};
+use crate::effects::aws::Aws;
+use crate::effects::local::LocalFleet;
 use crate::fleet::health::{
     check, heal, render, render_heals, worst, AgentReport, Heal, InstanceHealth, Verdict,
 };
 use crate::fleet::{Command, Compute, Instance, InstanceState};
-use crate::lock::file::FileStore;
 use crate::lock::{Holder, Takeover, DEFAULT_TTL};
 use crate::ssm::documents::{on_aws, Document};
-use crate::ssm::SsmRunCommand;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -89,10 +88,10 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
                 args.health_document.as_deref(),
                 &args.prefix,
             )?;
-            let config = crate::aws::load(args.region.as_deref()).await?;
-            let compute = Ec2Compute::new(&config, Ec2LaunchSettings::default());
+            let aws = Aws::connect(args.region.as_deref()).await?;
+            let compute = aws.instances();
             let all = compute.instances(fleet).await?;
-            let runner = SsmRunCommand::new(&config, &args.prefix);
+            let runner = aws.run_command(&args.prefix);
             let running = running(all.clone(), fleet);
             let mut rows = check(&runner, &running, &command, timeout).await?;
             rows.extend(down_rows(&all));
@@ -148,17 +147,13 @@ async fn local(
     if let Some(d) = &args.health_document {
         anyhow::bail!("--health-document {d}: SSM documents run on AWS; the local fleet takes --health-command");
     }
-    let store = crate::local::Store::open(fleet)?;
+    let local = LocalFleet::open(fleet)?;
+    let store = &local.store;
     let state = store.load()?;
     let command = Command::Shell(args.health_command.clone().unwrap_or(state.health_command));
-    let compute = crate::local::LocalCompute::new(store.clone());
-    let runner = crate::local::LocalRunCommand {
-        store: store.clone(),
-    };
-    let lb = crate::local::LocalBalancer::new(store.clone());
     let survey = || async {
-        let all = compute.instances(fleet).await?;
-        let mut rows = check(&runner, &running(all.clone(), fleet), &command, timeout).await?;
+        let all = local.compute.instances(fleet).await?;
+        let mut rows = check(&local.run, &running(all.clone(), fleet), &command, timeout).await?;
         rows.extend(down_rows(&all));
         if !crate::local::balancer::is_running(&store.balancer_dir()) {
             // Every instance may be fine, but nothing reaches them.
@@ -183,8 +178,8 @@ async fn local(
         return Ok((rows, None));
     }
     // Healing changes the fleet: not while a rollout (or another heal) does.
-    let lease = match crate::lock::acquire(
-        std::sync::Arc::new(FileStore::new(store.lease_path())),
+    let lease = match crate::cmd::lock::patient_acquire(
+        std::sync::Arc::new(local.lock()),
         fleet,
         Holder::here(format!("health --heal of fleet {fleet}"), DEFAULT_TTL),
         Takeover::Never,
@@ -206,7 +201,7 @@ async fn local(
             return Ok((rows, Some(heals)));
         }
     };
-    let healed = heal_local(&store, &lb, rows).await;
+    let healed = heal_local(&local, rows).await;
     crate::cmd::lock::release(Some(lease)).await;
     let mut heals = healed?;
     // A replaced instance has no row any more: its "after" is the fleet's.
@@ -220,14 +215,10 @@ async fn local(
 }
 
 /// Restarts the load balancer if it is down and replaces the unhealthy instances.
-async fn heal_local(
-    store: &crate::local::Store,
-    lb: &crate::local::LocalBalancer,
-    rows: Vec<InstanceHealth>,
-) -> anyhow::Result<Vec<Heal>> {
+async fn heal_local(local: &LocalFleet, rows: Vec<InstanceHealth>) -> anyhow::Result<Vec<Heal>> {
     let mut heals = Vec::new();
     if let Some(row) = rows.iter().find(|r| r.instance_id == LOAD_BALANCER_ROW) {
-        let restart = match lb.ensure_running().await {
+        let restart = match local.lb.ensure_running().await {
             Ok(()) => "restarted".to_owned(),
             Err(e) => format!("restart failed: {e}"),
         };
@@ -252,7 +243,7 @@ async fn heal_local(
             .filter(|r| r.outcome != "down")
             .map(|r| r.instance_id.clone())
             .collect();
-        let replaced = match crate::local::replace(store, &running_sick).await {
+        let replaced = match crate::local::replace(&local.store, &running_sick).await {
             Ok(crate::rollout::engine::Outcome::Done { launched, .. }) => {
                 format!("replaced ({launched} launched)")
             }

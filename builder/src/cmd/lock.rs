@@ -24,6 +24,32 @@ pub struct LockArgs {
 /// a replacement under 10 s ([`crate::local::supervisor::Settings`]), plus slack.
 const SUPERVISOR_WAIT: std::time::Duration = std::time::Duration::from_secs(15);
 
+/// [`acquire`], but a lease a local fleet's supervisor holds for the seconds a replacement
+/// takes is waited for rather than refused.
+pub async fn patient_acquire<S: LeaseStore>(
+    store: Arc<S>,
+    fleet: &str,
+    me: Holder,
+    takeover: Takeover,
+) -> Result<Lease<S>, LockError> {
+    let patience = tokio::time::Instant::now() + SUPERVISOR_WAIT;
+    let mut waited = false;
+    loop {
+        match acquire(store.clone(), fleet, me.clone(), takeover).await {
+            Err(LockError::Held { holder, .. })
+                if crate::local::supervisor::holds(&holder)
+                    && tokio::time::Instant::now() < patience =>
+            {
+                if !std::mem::replace(&mut waited, true) {
+                    tracing::info!(holder = %holder.operation, "waiting for the fleet's supervisor");
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 /// The fleet's lease for `operation`, or the exit code to stop with (2: held by someone
 /// else, or not confirmed).
 pub async fn take<S: LeaseStore>(
@@ -40,32 +66,17 @@ pub async fn take<S: LeaseStore>(
     } else {
         Takeover::Never
     };
-    // A local fleet's supervisor holds the lease for the seconds a replacement takes: wait
-    // for it rather than refuse.
-    let patience = tokio::time::Instant::now() + SUPERVISOR_WAIT;
-    let mut waited = false;
-    let held = loop {
-        match acquire(store.clone(), fleet, me.clone(), first).await {
-            Ok(lease) => return Ok(Ok(lease)),
-            Err(LockError::Held { holder, .. })
-                if crate::local::supervisor::holds(&holder)
-                    && tokio::time::Instant::now() < patience =>
-            {
-                if !std::mem::replace(&mut waited, true) {
-                    tracing::info!(holder = %holder.operation, "waiting for the fleet's supervisor");
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-            }
-            Err(LockError::Held {
-                fleet: f,
-                holder,
-                location,
-                now_unix,
-            }) => break (f, holder, location, now_unix),
-            Err(e) => {
-                eprintln!("error: {e}");
-                return Ok(Err(2));
-            }
+    let held = match patient_acquire(store.clone(), fleet, me.clone(), first).await {
+        Ok(lease) => return Ok(Ok(lease)),
+        Err(LockError::Held {
+            fleet: f,
+            holder,
+            location,
+            now_unix,
+        }) => (f, holder, location, now_unix),
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(Err(2));
         }
     };
     let (f, holder, location, now_unix) = held;

@@ -6,27 +6,26 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::cmd::lock::{self, LockArgs};
 use crate::cmd::Provider;
-use crate::fleet::ec2::{spec_digest, Ec2Compute, Ec2LaunchSettings};
-use crate::fleet::elb::{CloudWatchAlarms, TargetGroup};
-use crate::fleet::{Alarms, Compute, LoadBalancer, Placement, RunCommand};
+use crate::effects::aws::Aws;
+use crate::effects::local::LocalFleet;
+use crate::fleet::ec2::{spec_digest, Ec2LaunchSettings};
+use crate::fleet::Placement;
 use crate::local::state::FleetState;
-use crate::local::{LocalBalancer, LocalCompute, LocalRunCommand, NoAlarms, Store, Tuning};
-use crate::lock::file::FileStore;
-use crate::lock::s3::S3Store;
+use crate::local::{Store, Tuning};
 use crate::lock::Lease;
 use crate::rollout::config::{merge, ConfigFile, FleetConfig, FleetFile};
-use crate::rollout::engine::{Effects, Engine, Outcome, RolloutError, Settings};
-use crate::rollout::journal::{new_id, resolve, Entry, Journal, Resolution, State};
+use crate::rollout::engine::Settings;
+use crate::rollout::journal::Journal;
 use crate::rollout::plan::Desired;
+use crate::rollout::run::{drive, Request};
 use crate::ssm::documents::{on_aws, Document};
-use crate::ssm::SsmRunCommand;
 use crate::stack::outputs::beneath;
 use crate::stack::StackError;
-use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -157,9 +156,9 @@ async fn run_aws(args: Args) -> anyhow::Result<i32> {
                 eprintln!("error: {e}");
                 return Ok(2);
             }
-            let config = crate::aws::load(args.region.as_deref()).await?;
-            let stacks = crate::stack::CloudFormation::new(&config);
-            loaded = Some(config);
+            let aws = Aws::connect(args.region.as_deref()).await?;
+            let stacks = aws.stacks();
+            loaded = Some(aws);
             match crate::stack::read_outputs(&stacks, name).await {
                 Ok(outputs) => Some(beneath(
                     file.fleets.get(&args.fleet),
@@ -194,28 +193,13 @@ async fn run_aws(args: Args) -> anyhow::Result<i32> {
             return Ok(2);
         }
     };
-    let config = match loaded {
-        Some(c) => c,
-        None => crate::aws::load(args.region.as_deref()).await?,
+    let aws = match loaded {
+        Some(aws) => aws,
+        None => Aws::connect(args.region.as_deref()).await?,
     };
-    let ec2 = aws_sdk_ec2::Client::new(&config);
 
     // Refuse a missing AMI or bad subnets before anything is launched.
-    // AWS answers InvalidAMIID.NotFound (or .Malformed) for an id it does not know; any
-    // other error (access denied, throttling) is an error, not a missing AMI.
-    let found = match ec2
-        .describe_images()
-        .image_ids(&fleet.ami)
-        .send()
-        .await
-        .map_err(|e| crate::aws::classify("ec2:DescribeImages", e))
-    {
-        Ok(out) => out.images().first().map(crate::fleet::ec2::image_tags),
-        Err(crate::aws::AwsError::NotFound(_)) => None,
-        Err(e) if e.to_string().contains("InvalidAMIID") => None,
-        Err(e) => return Err(e).context("looking up the AMI"),
-    };
-    let Some(tags) = found else {
+    let Some(tags) = aws.image_tags(&fleet.ami).await? else {
         eprintln!("error: AMI {} does not exist in this account and region (publish it with `amictl image publish`)", fleet.ami);
         return Ok(2);
     };
@@ -225,7 +209,7 @@ async fn run_aws(args: Args) -> anyhow::Result<i32> {
         eprintln!("error: {why}");
         return Ok(2);
     }
-    let placements = placements(&ec2, &fleet.subnets).await?;
+    let placements = aws.placements(&fleet.subnets).await?;
     let distinct: std::collections::BTreeSet<&str> =
         placements.iter().map(|p| p.az.as_str()).collect();
     if distinct.len() != placements.len() || distinct.len() < 2 {
@@ -246,7 +230,7 @@ async fn run_aws(args: Args) -> anyhow::Result<i32> {
             None
         }
         (Some(bucket), false) => {
-            let store = S3Store::new(&config, bucket, &args.fleet);
+            let store = aws.lock(bucket, &args.fleet);
             match lock::take(
                 store,
                 &args.fleet,
@@ -263,7 +247,7 @@ async fn run_aws(args: Args) -> anyhow::Result<i32> {
     };
     let result = rollout_aws(
         &args,
-        &config,
+        &aws,
         &fleet,
         placements,
         launch,
@@ -282,188 +266,43 @@ fn operation(fleet: &str, image: &str) -> String {
 
 async fn rollout_aws(
     args: &Args,
-    config: &aws_config::SdkConfig,
+    aws: &Aws,
     fleet: &FleetConfig,
     placements: Vec<Placement>,
     launch: Ec2LaunchSettings,
     health: crate::fleet::Command,
     lost: Option<CancellationToken>,
 ) -> anyhow::Result<i32> {
-    let compute = Ec2Compute::new(config, launch.clone());
-    let ssm = SsmRunCommand::new(config, &fleet.prefix);
+    let settings = settings(args, fleet, placements, &launch, health);
+    let fx = aws.fleet(launch, &fleet.prefix, fleet.target_group.as_deref());
     if !args.dry_run {
         // All of them, so that `health` and `drift`, whose IAM scopes may only read
         // documents, find theirs.
-        ssm.prepare(&Document::ALL)
+        fx.run
+            .prepare(&Document::ALL)
             .await
             .context("making sure amictl's SSM documents exist (nothing was launched)")?;
     }
-    let alarms = CloudWatchAlarms {
-        client: aws_sdk_cloudwatch::Client::new(config),
-    };
-    let lb = fleet.target_group.as_ref().map(|arn| TargetGroup {
-        client: aws_sdk_elasticloadbalancingv2::Client::new(config),
-        arn: arn.clone(),
-    });
-    let settings = settings(args, fleet, placements, &launch, health);
-
-    let fx = Effects {
-        compute: &compute,
-        run: &ssm,
-        lb: lb.as_ref(),
-        alarms: &alarms,
-    };
-    drive(args, fx, &settings, Journal::default_location(), lost).await
+    let resume = |ami: &str| format!("--ami {ami}");
+    let request = request(args, &resume);
+    drive(
+        &request,
+        fx.effects(),
+        &settings,
+        Journal::default_location(),
+        lost,
+    )
+    .await
 }
 
-/// The rollout of `settings` through `fx`, whatever the provider: resume or start, run or
-/// abort, keep the journal, and print the fleet's URL last on stdout.
-async fn drive<C: Compute, R: RunCommand, L: LoadBalancer, A: Alarms>(
-    args: &Args,
-    fx: Effects<'_, C, R, L, A>,
-    settings: &Settings,
-    journal: Option<Journal>,
-    lost: Option<CancellationToken>,
-) -> anyhow::Result<i32> {
-    let image = settings.desired.image.clone();
-    let compute = fx.compute;
-    let lb = fx.lb;
-    let current = compute.instances(&args.fleet).await?;
-    let entry = journal.as_ref().and_then(|j| j.load(&args.fleet));
-    let rollout = match resolve(entry.as_ref(), &current, &image) {
-        Resolution::Resume(id) => {
-            info!(rollout = %id, "resuming the unfinished rollout");
-            id
-        }
-        Resolution::Conflict {
-            rollout,
-            image: other,
-        } if !args.abort => {
-            let again = match args.provider {
-                Provider::Aws => format!("--ami {other}"),
-                Provider::Local => format!("the --content of release {other}"),
-            };
-            eprintln!(
-                "error: rollout {rollout} of fleet {} to {other} is unfinished: resume it with {again}, or roll it back with --abort",
-                args.fleet
-            );
-            return Ok(2);
-        }
-        Resolution::Conflict { rollout, .. } => rollout,
-        Resolution::New if args.abort => {
-            eprintln!(
-                "fleet {} has no unfinished rollout; nothing to abort",
-                args.fleet
-            );
-            return Ok(0);
-        }
-        Resolution::New => new_id(crate::rollout::now_unix()),
-    };
-    let engine = Engine::new(fx, settings, &rollout);
-    if args.dry_run {
-        let plan = engine.plan().await?;
-        eprintln!("{plan:#?}");
-        return Ok(0);
+/// The rollout `args` ask for, for the engine's driver.
+fn request<'a>(args: &'a Args, resume_hint: &'a dyn Fn(&str) -> String) -> Request<'a> {
+    Request {
+        fleet: &args.fleet,
+        abort: args.abort,
+        dry_run: args.dry_run,
+        resume_hint,
     }
-    let save = |state: State| {
-        if let Some(j) = &journal {
-            let e = Entry {
-                rollout: rollout.clone(),
-                fleet: args.fleet.clone(),
-                image: image.clone(),
-                started_unix: entry
-                    .as_ref()
-                    .map(|e| e.started_unix)
-                    .unwrap_or_else(crate::rollout::now_unix),
-                state,
-            };
-            if let Err(err) = j.save(&e) {
-                warn!(error = %err, "cannot write the rollout journal (the fleet's tags still record the rollout)");
-            }
-        }
-    };
-    save(State::InProgress);
-    let work = async {
-        if args.abort {
-            engine.rollback("aborted by request").await
-        } else {
-            engine.run().await
-        }
-    };
-    let lost = async {
-        match &lost {
-            Some(token) => token.cancelled().await,
-            None => std::future::pending().await,
-        }
-    };
-    // The fleet's tags record every step, so stopping at any await point is safe: say how
-    // to go on rather than try to clean up half-way.
-    let result = tokio::select! {
-        r = work => r,
-        () = lost => {
-            save(State::NeedsAttention);
-            eprintln!(
-                "NEEDS ATTENTION: rollout {rollout} of fleet {} lost the fleet's lock (another amictl took it over) and stopped where it was; once that run is done, run this command again to resume, or add --abort to roll back",
-                args.fleet
-            );
-            return Ok(4);
-        }
-        _ = tokio::signal::ctrl_c() => {
-            eprintln!(
-                "interrupted: rollout {rollout} of fleet {} stopped where it was; run the same command again to resume it, or add --abort to roll it back",
-                args.fleet
-            );
-            return Ok(130);
-        }
-    };
-    let code = match result {
-        Ok(Outcome::Done {
-            launched,
-            retired,
-            unchanged,
-        }) => {
-            save(State::Done);
-            if unchanged {
-                eprintln!("fleet {} is already on {image}: nothing to do", args.fleet);
-            } else {
-                eprintln!(
-                    "fleet {} is on {image}: {launched} launched, {retired} retired",
-                    args.fleet
-                );
-            }
-            0
-        }
-        Ok(Outcome::RolledBack { reason }) => {
-            save(State::RolledBack);
-            eprintln!("rolled back ({reason}): fleet {} is as it was", args.fleet);
-            3
-        }
-        Err(RolloutError::Before(e)) => return Err(e).context("nothing was changed"),
-        Err(e @ RolloutError::NeedsAttention { .. }) => {
-            save(State::NeedsAttention);
-            eprintln!("NEEDS ATTENTION: {e}");
-            return Ok(4);
-        }
-    };
-    // The URL, last on stdout: the load balancer's, else the instances' addresses.
-    let url = match lb {
-        Some(lb) => lb.url().await.ok().flatten(),
-        None => None,
-    };
-    match url {
-        Some(url) => println!("{url}"),
-        None => {
-            let addrs: Vec<String> = compute
-                .instances(&args.fleet)
-                .await?
-                .into_iter()
-                .filter(|i| i.retiring.is_none())
-                .filter_map(|i| i.address.map(|a| format!("http://{a}/")))
-                .collect();
-            println!("{}", addrs.join(" "));
-        }
-    }
-    Ok(code)
 }
 
 /// The local fleet: import the content as a release, create the fleet (and its load
@@ -569,12 +408,12 @@ async fn run_local(args: Args) -> anyhow::Result<i32> {
     })?;
     // One change of the fleet at a time: a second rollout, `health --heal` or `destroy`
     // is refused while this one runs. A dry run changes nothing.
+    let local = LocalFleet::new(store);
     let lease = if args.dry_run {
         None
     } else {
-        let store = FileStore::new(store.lease_path());
         match lock::take(
-            store,
+            local.lock(),
             &args.fleet,
             operation(&args.fleet, &release.id),
             &args.lock,
@@ -587,14 +426,14 @@ async fn run_local(args: Args) -> anyhow::Result<i32> {
         }
     };
     let lost = lease.as_ref().map(Lease::lost_token);
-    let result = rollout_local(&args, &store, release, agent, per_az, health_command, lost).await;
+    let result = rollout_local(&args, &local, release, agent, per_az, health_command, lost).await;
     lock::release(lease).await;
     result
 }
 
 async fn rollout_local(
     args: &Args,
-    store: &Store,
+    local: &LocalFleet,
     release: crate::local::release::Release,
     agent: PathBuf,
     per_az: usize,
@@ -604,16 +443,12 @@ async fn rollout_local(
     // Instances launch with the fleet's agent; the size and health command become the
     // fleet's only when the rollout succeeds (a failed one must not change what `health`
     // runs).
+    let store = &local.store;
     let current = store.update(|s| {
         s.agent = agent.clone();
         Ok::<_, crate::local::state::StateError>(s.clone())
     })?;
-    let compute = LocalCompute::new(store.clone());
-    let run = LocalRunCommand {
-        store: store.clone(),
-    };
-    let lb = LocalBalancer::new(store.clone());
-    if let Err(e) = lb.ensure_running().await {
+    if let Err(e) = local.lb.ensure_running().await {
         if store.load().is_ok_and(|s| s.instances.is_empty()) {
             // A fleet that never ran anything: leave nothing behind, so the next try can
             // pick another address.
@@ -637,15 +472,10 @@ async fn rollout_local(
         ..current
     };
     let settings = crate::local::settings(&next, &release.id, &tuning);
-    let fx = Effects {
-        compute: &compute,
-        run: &run,
-        lb: Some(&lb),
-        alarms: &NoAlarms,
-    };
+    let resume = |release: &str| format!("the --content of release {release}");
     let code = drive(
-        args,
-        fx,
+        &request(args, &resume),
+        local.effects(),
         &settings,
         Some(crate::local::journal(store)),
         lost,
@@ -663,7 +493,7 @@ async fn rollout_local(
         // Say why the new instances failed, from their agents' own logs.
         for (id, r) in store.load()?.instances {
             if !before.contains(&id) {
-                let tail = crate::local::process::tail(&compute.log_path(&r.id), 4);
+                let tail = crate::local::process::tail(&local.compute.log_path(&r.id), 4);
                 if !tail.is_empty() {
                     eprintln!("instance {id} ({}) logged:\n{tail}", r.image);
                 }
@@ -671,34 +501,6 @@ async fn rollout_local(
         }
     }
     Ok(code)
-}
-
-async fn placements(
-    ec2: &aws_sdk_ec2::Client,
-    subnets: &[String],
-) -> anyhow::Result<Vec<Placement>> {
-    let out = ec2
-        .describe_subnets()
-        .set_subnet_ids(Some(subnets.to_vec()))
-        .send()
-        .await
-        .map_err(|e| crate::aws::classify("ec2:DescribeSubnets", e))
-        .context("looking up the subnets' availability zones")?;
-    subnets
-        .iter()
-        .map(|id| {
-            let az = out
-                .subnets()
-                .iter()
-                .find(|s| s.subnet_id() == Some(id))
-                .and_then(|s| s.availability_zone())
-                .with_context(|| format!("subnet {id} not found"))?;
-            Ok(Placement {
-                az: az.to_owned(),
-                subnet: id.clone(),
-            })
-        })
-        .collect()
 }
 
 fn settings(

@@ -5,6 +5,7 @@ pub mod aws_lifecycle;
 pub mod buffers;
 pub mod cache;
 pub mod digest;
+pub mod error;
 pub mod gc;
 pub mod info;
 pub mod lifecycle;

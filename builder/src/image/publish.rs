@@ -17,7 +17,9 @@ use super::info::ImageSource;
 use super::register::{
     build_spec, digest_tag, RegisterSpec, SpecError, TAG_DIGEST, TAG_SPARSE, TAG_STORE_PATH,
 };
-use super::upload::{jitter, upload, SnapshotStore, UploadError, UploadOptions, Uploaded};
+use super::upload::{
+    jitter, upload, SnapshotStore, UploadError, UploadOptions, Uploaded, Uploader,
+};
 
 /// An AMI of this account, as DescribeImages tells it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,20 +79,6 @@ pub trait ImageRegistry: Send + Sync + 'static {
         tags: &[(String, String)],
     ) -> impl Future<Output = Result<(), AwsError>> + Send;
     fn deregister(&self, ami_id: &str) -> impl Future<Output = Result<(), AwsError>> + Send;
-}
-
-/// How the image's bytes become a completed snapshot: EBS direct APIs, or S3 and
-/// ImportSnapshot. Either way the image's digest is computed in the same pass.
-pub trait Uploader: Send + Sync {
-    /// Uploads; writes the snapshot's id to `started` as soon as it exists, so the caller
-    /// can delete it whatever happens next.
-    fn upload(
-        &self,
-        image: &ImageSource,
-        progress: &ProgressBar,
-        cancel: &CancellationToken,
-        started: &mut Option<String>,
-    ) -> impl Future<Output = Result<Uploaded, UploadError>> + Send;
 }
 
 /// The EBS direct APIs uploader.

@@ -11,7 +11,6 @@ use std::future::Future;
 use std::io;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,10 +26,11 @@ use tracing::{debug, info, warn};
 use crate::aws::AwsError;
 
 use super::digest::{block_digest, image_digest, zero_block_digest, BlockDigest};
+pub use super::error::S3Error;
+use super::error::UploadError;
 use super::info::ImageSource;
 use super::plan::{is_zero, plan, Planned, BLOCK_SIZE};
-use super::publish::Uploader;
-use super::upload::{data_extents, jitter, UploadError, Uploaded};
+use super::upload::{data_extents, jitter, Uploaded, Uploader};
 
 const MIB: u64 = 1 << 20;
 /// S3's smallest part (every part but the last).
@@ -246,56 +246,6 @@ pub fn role_hint(message: &str) -> &'static str {
         ROLE_HINT
     } else {
         ""
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum S3Error {
-    #[error("the image is {size} bytes, more than an S3 object can hold (5 TiB): use --via ebs")]
-    TooLarge { size: u64 },
-    #[error("S3 bucket {bucket:?} does not exist or these credentials cannot see it ({error}); create it in the region of the import, or pass another --bucket")]
-    NoBucket { bucket: String, error: AwsError },
-    #[error("uploading s3://{bucket}/{key}: {error}{cleanup}")]
-    Upload {
-        bucket: String,
-        key: String,
-        error: AwsError,
-        cleanup: String,
-    },
-    #[error("reading {}: {error}{cleanup}", path.display())]
-    Read {
-        path: PathBuf,
-        error: io::Error,
-        cleanup: String,
-    },
-    #[error("ImportSnapshot of s3://{bucket}/{key}: {error}{hint}{cleanup}")]
-    Import {
-        bucket: String,
-        key: String,
-        error: AwsError,
-        hint: &'static str,
-        cleanup: String,
-    },
-    #[error("import task {task_id} (s3://{bucket}/{key}) failed: {message}{hint}{cleanup}")]
-    TaskFailed {
-        task_id: String,
-        bucket: String,
-        key: String,
-        message: String,
-        hint: &'static str,
-        cleanup: String,
-    },
-    #[error("import task {task_id} did not complete within {} s (raise --wait-timeout: ImportSnapshot takes 10-20 minutes or more){cleanup}", .waited.as_secs())]
-    TaskTimeout {
-        task_id: String,
-        waited: Duration,
-        cleanup: String,
-    },
-}
-
-impl From<S3Error> for UploadError {
-    fn from(e: S3Error) -> Self {
-        UploadError::S3(Box::new(e))
     }
 }
 

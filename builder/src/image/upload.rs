@@ -9,7 +9,6 @@ use std::future::Future;
 use std::io;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,6 +23,7 @@ use crate::aws::AwsError;
 
 use super::buffers::BlockPool;
 use super::digest::{block_digest, image_digest, linear_checksum, zero_block_digest, BlockDigest};
+pub use super::error::UploadError;
 use super::info::ImageSource;
 use super::plan::{is_zero, must_upload, plan, Planned, BLOCK_SIZE};
 
@@ -120,46 +120,18 @@ pub struct Uploaded {
     pub bytes_read: u64,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum UploadError {
-    #[error("reading {}: {source}", path.display())]
-    Read { path: PathBuf, source: io::Error },
-    #[error("{} changed while it was uploaded ({what}): the snapshot would not hold the image; publish it again once nothing writes to it", path.display())]
-    Changed { path: PathBuf, what: String },
-    #[error("{snapshot_id} got {uploaded} blocks where the plan has {planned}: not completing it")]
-    BlockCount {
-        snapshot_id: String,
-        planned: u64,
-        uploaded: u64,
-    },
-    #[error("starting the snapshot: {0}")]
-    Start(AwsError),
-    #[error("uploading block {index} of {snapshot_id}: {source}")]
-    Put {
-        snapshot_id: String,
-        index: u64,
-        source: AwsError,
-    },
-    #[error("completing {snapshot_id}: {source}")]
-    Complete {
-        snapshot_id: String,
-        source: AwsError,
-    },
-    #[error("{snapshot_id} failed in EBS: {message}")]
-    Failed {
-        snapshot_id: String,
-        message: String,
-    },
-    #[error("{snapshot_id} was not completed within {} s; it may still complete: look at it with `aws ec2 describe-snapshots --snapshot-ids {snapshot_id}`", .waited.as_secs())]
-    CompletionTimeout {
-        snapshot_id: String,
-        waited: Duration,
-    },
-    #[error("interrupted")]
-    Interrupted,
-    /// `--via s3`: staging in S3 or ImportSnapshot.
-    #[error(transparent)]
-    S3(Box<super::s3::S3Error>),
+/// How the image's bytes become a completed snapshot: EBS direct APIs, or S3 and
+/// ImportSnapshot. Either way the image's digest is computed in the same pass.
+pub trait Uploader: Send + Sync {
+    /// Uploads; writes the snapshot's id to `started` as soon as it exists, so the caller
+    /// can delete it whatever happens next.
+    fn upload(
+        &self,
+        image: &ImageSource,
+        progress: &ProgressBar,
+        cancel: &CancellationToken,
+        started: &mut Option<String>,
+    ) -> impl Future<Output = Result<Uploaded, UploadError>> + Send;
 }
 
 struct Job {

@@ -4,6 +4,7 @@ pub mod config;
 pub mod engine;
 pub mod journal;
 pub mod plan;
+pub mod run;
 
 pub fn now_unix() -> u64 {
     std::time::SystemTime::now()

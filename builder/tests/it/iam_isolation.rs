@@ -465,6 +465,11 @@ fn against_mains_network() -> Vec<Operation> {
             &[&n.vpc],
         ),
         on("delete main's VPC", "ec2:DeleteVpc", &[&n.vpc]),
+        on(
+            "launch an instance into main's subnet behind main's security group",
+            "ec2:RunInstances",
+            &[&n.subnet, &n.security_group],
+        ),
     ];
     // A new rule is a resource of its own, without tags: its group is what is main's.
     for (what, action) in [
@@ -851,4 +856,22 @@ fn the_evaluator_knows_globs_ifexists_and_null() {
         &["y*".into()],
         &ctx
     ));
+}
+
+#[test]
+fn a_fleet_without_a_stack_launches_into_a_network_amictl_did_not_tag() {
+    let preview = policy_for("amictl-pr-");
+    for resource in [
+        format!("{ARN}:subnet/subnet-0mine"),
+        format!("{ARN}:security-group/sg-0mine"),
+    ] {
+        let untagged = req("ec2:RunInstances", &resource, &[]);
+        assert!(allows(&preview, &untagged), "{resource}");
+        let own = req(
+            "ec2:RunInstances",
+            &resource,
+            &[("aws:ResourceTag/amictl:prefix", &["amictl-pr-7-"])],
+        );
+        assert!(allows(&preview, &own), "{resource}");
+    }
 }

@@ -14,7 +14,6 @@ use tracing::info;
 use crate::image::aws::AwsImages;
 use crate::image::cache::DigestCache;
 use crate::image::info::{Arch, BootMode, ImageSource};
-use crate::image::publish::Uploader;
 use crate::image::publish::{
     publish, DirectUpload, Outcome, PublishError, PublishOptions, Services,
 };
@@ -22,6 +21,7 @@ use crate::image::register::TAG_SPARSE;
 use crate::image::s3::{S3Import, S3Options};
 use crate::image::s3_aws::{AwsImporter, AwsStaging};
 use crate::image::upload::UploadOptions;
+use crate::image::upload::Uploader;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
