@@ -303,10 +303,13 @@ pub const GRANTS: &[Grant] = &[
     },
     Grant {
         sid: "ImportStagingBucket",
-        // VM Import/Export's documented user permissions on the import bucket.
+        // VM Import/Export's documented user permissions on the import bucket. ListBucket
+        // also for the fleet's lock: without it S3 answers a GetObject of a missing key (a
+        // lease released between two calls) with 403 AccessDenied instead of 404
+        // NoSuchKey, and a released lease would read as a denied one.
         actions: &[
             (PUBLISH, "s3:GetBucketLocation"),
-            (PUBLISH, "s3:ListBucket"),
+            (&[Publish, Rollout, Destroy], "s3:ListBucket"),
         ],
         resources: &[IMPORT_BUCKET],
         conditions: &[],
@@ -1240,6 +1243,8 @@ mod tests {
                 // The fleet's lock.
                 "s3:DeleteObject",
                 "s3:GetObject",
+                // A missing lease is then 404, not 403.
+                "s3:ListBucket",
                 "s3:PutObject"
             ]
         );
@@ -1323,6 +1328,7 @@ mod tests {
             [
                 "DescribeReadOnly",
                 "FleetLock",
+                "ImportStagingBucket",
                 "TerminateFleetInstances",
                 "CloudFormationStacks"
             ]

@@ -239,6 +239,11 @@ pub async fn acquire<S: LeaseStore>(
     let mut tries = 0;
     loop {
         tries += 1;
+        if tries > CONFLICT_TRIES {
+            return Err(fail(anyhow::anyhow!(
+                "the lease kept changing under {CONFLICT_TRIES} tries; try again"
+            )));
+        }
         let retry = tries < CONFLICT_TRIES;
         let mut mine = me.clone();
         mine.nonce = nonce();
@@ -282,11 +287,6 @@ pub async fn acquire<S: LeaseStore>(
                 }
             }
             Err(e) => return Err(fail(e.into())),
-        }
-        if tries >= CONFLICT_TRIES {
-            return Err(fail(anyhow::anyhow!(
-                "the lease kept changing under {CONFLICT_TRIES} tries; try again"
-            )));
         }
     }
 }

@@ -4,7 +4,8 @@
 //! S3 answers a failed precondition with 412 PreconditionFailed, an `If-Match` on a missing
 //! key with 404 NoSuchKey, and two conditional writes that race with 409
 //! ConditionalRequestConflict, which is retried. A conditional delete also needs
-//! s3:GetObject on the key, which the IAM policy grants with the rest.
+//! s3:GetObject on the key, and a GetObject of a missing key is 404 only with
+//! s3:ListBucket on the bucket (403 without): the IAM policy grants both.
 
 use aws_sdk_s3::operation::put_object::builders::PutObjectFluentBuilder;
 use aws_smithy_runtime_api::client::result::SdkError;

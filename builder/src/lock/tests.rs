@@ -216,3 +216,42 @@ fn keys_keep_fleet_names_readable_and_safe() {
     assert_eq!(s3::key("amictl-pr-7"), "amictl/locks/amictl-pr-7.json");
     assert_eq!(s3::key("a/../b c"), "amictl/locks/a%2F..%2Fb%20c.json");
 }
+
+/// A lease that exists when created and is gone when read, every time.
+struct Flickering;
+
+impl LeaseStore for Flickering {
+    async fn create(&self, _: Vec<u8>) -> Result<String, StoreError> {
+        Err(StoreError::Changed)
+    }
+    async fn read(&self) -> Result<Option<(Vec<u8>, String)>, StoreError> {
+        Ok(None)
+    }
+    async fn replace(&self, _: Vec<u8>, _: &str) -> Result<String, StoreError> {
+        Err(StoreError::Gone)
+    }
+    async fn delete(&self, _: &str) -> Result<(), StoreError> {
+        Err(StoreError::Gone)
+    }
+    fn location(&self) -> String {
+        "flickering".into()
+    }
+}
+
+#[tokio::test]
+async fn a_lease_that_never_settles_is_an_error_not_a_hang() {
+    let err = tokio::time::timeout(
+        Duration::from_secs(10),
+        acquire(
+            Arc::new(Flickering),
+            "web",
+            holder("rollout r-1"),
+            Takeover::Never,
+        ),
+    )
+    .await
+    .expect("gives up")
+    .err()
+    .unwrap();
+    assert!(err.to_string().contains("kept changing"), "{err}");
+}

@@ -819,6 +819,7 @@ fn scopes_and_target_narrow_the_policy() {
                 // The fleet's lock.
                 "s3:DeleteObject",
                 "s3:GetObject",
+                "s3:ListBucket",
                 "s3:PutObject",
             ]
             .map(str::to_owned)

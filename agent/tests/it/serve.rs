@@ -1,6 +1,6 @@
 //! Serving rules over real TCP against an in-process server on 127.0.0.1:0.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

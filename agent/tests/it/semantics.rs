@@ -1,7 +1,7 @@
 //! HTTP semantics (RFC 9110) and HTTP/1.1 message rules (RFC 9112) over real TCP: each case
 //! writes raw bytes to an in-process server and checks the status line and headers.
 
-mod common;
+use crate::common;
 
 use ami_agent::http::first_line::MAX_LINE_BYTES;
 use ami_agent::http::response::MAX_TARGET_BYTES;

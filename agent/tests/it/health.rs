@@ -1,7 +1,7 @@
 //! The health loop in-process, with a recording notifier: listener rebinding and the
 //! READY/WATCHDOG protocol decided by self-check outcomes.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -2,7 +2,7 @@
 //! read, slow readers, idle keep-alive connections, a full server seen by the health loop,
 //! and the real binary under a low open-file limit.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

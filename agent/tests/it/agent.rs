@@ -1,7 +1,7 @@
 //! The real `ami-agent` binary as a child process: start-up refusal, healing, systemd
 //! notifications and watchdog, SIGTERM, `check` exit codes, `manifest`, the config file.
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixDatagram;
