@@ -67,18 +67,44 @@ impl Socket {
         )?)
     }
 
-    /// Runs a non-blocking socket call once the socket is writable.
-    fn poll_io<T>(
+    /// Runs a non-blocking socket call that sends up to `want` bytes once the socket is
+    /// writable.
+    fn poll_io(
         &self,
         cx: &mut Context<'_>,
-        mut call: impl FnMut() -> io::Result<T>,
-    ) -> Poll<io::Result<T>> {
+        want: usize,
+        mut call: impl FnMut() -> io::Result<usize>,
+    ) -> Poll<io::Result<usize>> {
         loop {
             ready!(self.stream.poll_write_ready(cx))?;
-            match self.stream.try_io(Interest::WRITABLE, &mut call) {
+            match self.try_send(want, &mut call) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 result => return Poll::Ready(result),
             }
+        }
+    }
+
+    /// One send of up to `want` bytes. One that sends less has filled the socket's buffer:
+    /// its readiness is then cleared (tokio does the same after a partial write), so that
+    /// the next write waits for room rather than fail once with EAGAIN.
+    fn try_send(
+        &self,
+        want: usize,
+        mut call: impl FnMut() -> io::Result<usize>,
+    ) -> io::Result<usize> {
+        let mut partial = None;
+        let result = self.stream.try_io(Interest::WRITABLE, || {
+            let n = call()?;
+            if n > 0 && n < want {
+                partial = Some(n);
+                // Only a WouldBlock from the closure makes try_io clear the readiness.
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            Ok(n)
+        });
+        match (result, partial) {
+            (_, Some(n)) => Ok(n),
+            (result, None) => result,
         }
     }
 }
@@ -100,7 +126,7 @@ impl AsyncWrite for Socket {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         match self.stored(buf) {
-            Some(offset) => self.poll_io(cx, || self.sendfile(offset, buf.len())),
+            Some(offset) => self.poll_io(cx, buf.len(), || self.sendfile(offset, buf.len())),
             None => Pin::new(&mut self.stream).poll_write(cx, buf),
         }
     }
@@ -119,19 +145,18 @@ impl AsyncWrite for Socket {
         };
         let len = bufs[at].len();
         if at == 0 {
-            return self.poll_io(cx, || self.sendfile(offset, len));
+            return self.poll_io(cx, len, || self.sendfile(offset, len));
         }
         let head = &bufs[..at];
         let head_len: usize = head.iter().map(|b| b.len()).sum();
-        let sent = ready!(self.poll_io(cx, || self.send_more(head)))?;
+        let sent = ready!(self.poll_io(cx, head_len, || self.send_more(head)))?;
         if sent < head_len {
             return Poll::Ready(Ok(sent));
         }
         // The body at once if the socket takes it (saves a round through hyper). If it does
         // not, or fails, the head counts as written and hyper's next call gets the answer.
         let body = self
-            .stream
-            .try_io(Interest::WRITABLE, || self.sendfile(offset, len))
+            .try_send(len, || self.sendfile(offset, len))
             .unwrap_or(0);
         Poll::Ready(Ok(sent + body))
     }
