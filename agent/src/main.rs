@@ -5,12 +5,14 @@ use clap::Parser;
 /// before), while jemalloc hands them back to the kernel within its decay time (14 MiB
 /// 15 s later), and leaves the buffers hyper reserves for a connection that never sends a
 /// byte untouched, so not resident at all.
+#[cfg(feature = "jemalloc")]
 #[global_allocator]
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// jemalloc's options, read when it starts (the symbol carries the crate's `_rjem_`
 /// prefix). Without a background thread, freed pages are only returned when the process
 /// allocates again, and an agent idle after a flood would keep them; one thread is enough.
+#[cfg(feature = "jemalloc")]
 #[export_name = "_rjem_malloc_conf"]
 static MALLOC_CONF: &[u8; 48] = b"background_thread:true,max_background_threads:1\0";
 

@@ -39,6 +39,7 @@ fn settings(image: &str, per_az: usize, surge: usize) -> Settings {
         bake: Duration::ZERO,
         alarms: vec!["web-5xx".into()],
         poll: Duration::from_secs(5),
+        scaling: None,
     }
 }
 
@@ -63,6 +64,7 @@ fn main() {
                     run: &cloud,
                     lb: Some(&cloud),
                     alarms: &cloud,
+                    groups: amictl::rollout::engine::NO_GROUPS,
                 };
                 Engine::new(fx(), &settings("v1", per_az, per_az), "r1")
                     .run()
@@ -82,6 +84,42 @@ fn main() {
             );
         }
     }
+    println!();
+    println!("the same with Auto Scaling groups (AWS): one group per AZ and release, each made at");
+    println!("its full size, gated, attached; the old group held, detached, deleted at the commit");
+    println!(
+        "{:>6} {:>8} {:>12} {:>10}   calls per instance",
+        "N/AZ", "", "sim time s", "API calls"
+    );
+    for per_az in [2usize, 10, 50] {
+        let (secs, calls) = rt.block_on(async {
+            let cloud = SimCloud::new(1, Faults::default());
+            let fx = || Effects {
+                compute: &cloud,
+                run: &cloud,
+                lb: Some(&cloud),
+                alarms: &cloud,
+                groups: Some(&cloud),
+            };
+            Engine::new(fx(), &settings("v1", per_az, per_az), "r1")
+                .run()
+                .await
+                .unwrap();
+            let start = tokio::time::Instant::now();
+            let calls = cloud.calls();
+            Engine::new(fx(), &settings("v2", per_az, per_az), "r2")
+                .run()
+                .await
+                .unwrap();
+            (start.elapsed().as_secs(), cloud.calls() - calls)
+        });
+        println!(
+            "{per_az:>6} {:>8} {secs:>12} {calls:>10}   {:.1}",
+            "groups",
+            calls as f64 / (2 * per_az) as f64
+        );
+    }
+    println!();
     println!("surge = instances launched and gated at a time in one AZ: with surge = N, the time");
     println!("barely grows with the fleet (one gate per AZ); the API calls grow linearly. The");
     println!("simulated cloud counts one call per batched operation (a Run Command over 50 ids is");

@@ -186,6 +186,19 @@ const NETWORK_CREATE_ACTIONS: &[&str] = &[
 const PREFIX_ALARMS: &str = "arn:{partition}:cloudwatch:{region}:{account}:alarm:{prefix}*";
 const PREFIX_TARGET_GROUPS: &str =
     "arn:{partition}:elasticloadbalancing:{region}:{account}:targetgroup/{prefix}*/*";
+/// The fleets' Auto Scaling groups, `{prefix}{fleet}-{az}-{rollout}`
+/// ([`crate::rollout::groups::group_name`]); the ARN's group id is not known in advance.
+const PREFIX_GROUPS: &str =
+    "arn:{partition}:autoscaling:{region}:{account}:autoScalingGroup:*:autoScalingGroupName/{prefix}*";
+/// Their launch templates (one per group, named like it): EC2 ARNs carry ids, so the
+/// `amictl:prefix` tag narrows them.
+const LAUNCH_TEMPLATES: &str = "arn:{partition}:ec2:{region}:{account}:launch-template/*";
+/// A group of the prefix, by the `amictl:prefix` tag it was made with.
+const PREFIX_GROUP: Condition = (
+    "StringLike",
+    "autoscaling:ResourceTag/amictl:prefix",
+    &["{prefix}*"],
+);
 
 /// Only instances of the prefix's fleets: a fleet's name starts with the prefix (as the
 /// stack's does, `amictl up` names the fleet after it), so a policy for `amictl-pr-` cannot
@@ -223,6 +236,8 @@ pub const GRANTS: &[Grant] = &[
             // `--omit-zero-blocks` is refused where new volumes are encrypted by default.
             (PUBLISH, "ec2:GetEbsEncryptionByDefault"),
             (&[Rollout, Stack], "ec2:DescribeSubnets"),
+            // Auto Scaling's Describe calls take no resource either.
+            (&[Rollout, Destroy], "autoscaling:DescribeAutoScalingGroups"),
             (
                 &[Rollout, Stack],
                 "elasticloadbalancing:DescribeLoadBalancers",
@@ -504,6 +519,92 @@ pub const GRANTS: &[Grant] = &[
         actions: &[(&[Rollout, Destroy], "ec2:TerminateInstances")],
         resources: &[INSTANCES],
         conditions: &[FLEET_INSTANCE],
+    },
+    // ---- rollout: Auto Scaling groups -------------------------------------------------
+    Grant {
+        sid: "FleetLaunchTemplates",
+        // One launch template per group, named like it, tagged with the prefix as it is
+        // made (the tags go on with it: ec2:CreateTags, next statement).
+        actions: &[(ROLLOUT, "ec2:CreateLaunchTemplate")],
+        resources: &[LAUNCH_TEMPLATES],
+        conditions: &[PREFIX_REQUEST_TAG],
+    },
+    Grant {
+        sid: "TagLaunchTemplatesOnCreate",
+        actions: &[(ROLLOUT, "ec2:CreateTags")],
+        resources: &[LAUNCH_TEMPLATES],
+        conditions: &[
+            ("StringEquals", "ec2:CreateAction", &["CreateLaunchTemplate"]),
+            PREFIX_REQUEST_TAG,
+        ],
+    },
+    Grant {
+        sid: "LaunchFromFleetTemplates",
+        // CreateAutoScalingGroup checks that the caller may run instances from the launch
+        // template it names; the group then launches as its service-linked role.
+        actions: &[(ROLLOUT, "ec2:RunInstances")],
+        resources: &[LAUNCH_TEMPLATES],
+        conditions: &[PREFIX_TAGGED],
+    },
+    Grant {
+        sid: "DeleteFleetLaunchTemplates",
+        actions: &[(&[Rollout, Destroy], "ec2:DeleteLaunchTemplate")],
+        resources: &[LAUNCH_TEMPLATES],
+        conditions: &[PREFIX_TAGGED],
+    },
+    Grant {
+        sid: "CreateFleetGroups",
+        // Named with the prefix and tagged with it as it is made.
+        actions: &[(ROLLOUT, "autoscaling:CreateAutoScalingGroup")],
+        resources: &[PREFIX_GROUPS],
+        conditions: &[PREFIX_REQUEST_TAG],
+    },
+    Grant {
+        sid: "ChangeFleetGroups",
+        // Attach and detach (the stack's target group, or a --target-group's), hold
+        // (suspend, resume), resize, scale on requests, delete: only a group of the prefix.
+        actions: &[
+            (ROLLOUT, "autoscaling:AttachLoadBalancerTargetGroups"),
+            (ROLLOUT, "autoscaling:DetachLoadBalancerTargetGroups"),
+            (ROLLOUT, "autoscaling:SuspendProcesses"),
+            (ROLLOUT, "autoscaling:ResumeProcesses"),
+            (ROLLOUT, "autoscaling:UpdateAutoScalingGroup"),
+            (ROLLOUT, "autoscaling:PutScalingPolicy"),
+            (ROLLOUT, "autoscaling:DeletePolicy"),
+            (&[Rollout, Destroy], "autoscaling:DeleteAutoScalingGroup"),
+        ],
+        resources: &[PREFIX_GROUPS],
+        conditions: &[PREFIX_GROUP],
+    },
+    Grant {
+        sid: "RetireFleetGroups",
+        // The amictl:retiring mark on a group of the prefix, and nothing else.
+        actions: &[
+            (ROLLOUT, "autoscaling:CreateOrUpdateTags"),
+            (ROLLOUT, "autoscaling:DeleteTags"),
+        ],
+        resources: &[PREFIX_GROUPS],
+        conditions: &[
+            PREFIX_GROUP,
+            (
+                "ForAllValues:StringEquals",
+                "aws:TagKeys",
+                &["amictl:retiring"],
+            ),
+        ],
+    },
+    Grant {
+        sid: "CreateAutoScalingServiceLinkedRole",
+        // An account's first Auto Scaling group creates AWSServiceRoleForAutoScaling.
+        actions: &[(ROLLOUT, "iam:CreateServiceLinkedRole")],
+        resources: &[
+            "arn:{partition}:iam::{account}:role/aws-service-role/autoscaling.{amazonaws}/AWSServiceRoleForAutoScaling",
+        ],
+        conditions: &[(
+            "StringEquals",
+            "iam:AWSServiceName",
+            &["autoscaling.{amazonaws}"],
+        )],
     },
     // ---- rollout: traffic and alarms ---------------------------------------------------
     Grant {
@@ -1236,8 +1337,12 @@ mod tests {
         assert_eq!(
             destroy.into_iter().collect::<Vec<_>>(),
             [
+                // The fleet's Auto Scaling groups and their launch templates go first.
+                "autoscaling:DeleteAutoScalingGroup",
+                "autoscaling:DescribeAutoScalingGroups",
                 // `--stack`: the outputs name the lock's bucket.
                 "cloudformation:DescribeStacks",
+                "ec2:DeleteLaunchTemplate",
                 "ec2:DescribeInstances",
                 "ec2:TerminateInstances",
                 // The fleet's lock.
@@ -1330,12 +1435,21 @@ mod tests {
                 "FleetLock",
                 "ImportStagingBucket",
                 "TerminateFleetInstances",
+                "DeleteFleetLaunchTemplates",
+                "ChangeFleetGroups",
                 "CloudFormationStacks"
             ]
         );
         assert_eq!(
             find(&p, "DescribeReadOnly")["Action"],
-            serde_json::json!(["ec2:DescribeInstances"])
+            serde_json::json!([
+                "autoscaling:DescribeAutoScalingGroups",
+                "ec2:DescribeInstances"
+            ])
+        );
+        assert_eq!(
+            find(&p, "ChangeFleetGroups")["Action"],
+            serde_json::json!(["autoscaling:DeleteAutoScalingGroup"])
         );
     }
 

@@ -1,7 +1,8 @@
 //! `amictl destroy --fleet NAME [--provider aws|local] [--yes]`: take a whole fleet down.
 //!
-//! On AWS: list the instances tagged `amictl:fleet=NAME`, show them, ask (or take `--yes`),
-//! terminate them, wait until EC2 no longer lists them, and drop the fleet's rollout journal
+//! On AWS: list the Auto Scaling groups and instances tagged `amictl:fleet=NAME`, show them,
+//! ask (or take `--yes`), delete the groups (first: a group replaces an instance terminated
+//! under it) and terminate the instances, wait until EC2 no longer lists them, and drop the fleet's rollout journal
 //! entry. Every step is idempotent: a fleet with no instances is already destroyed (exit 0),
 //! so an interrupted or timed-out destroy is finished by running it again.
 //!
@@ -24,7 +25,7 @@ use crate::cmd::Provider;
 use crate::effects::aws::Aws;
 use crate::effects::local::LocalFleet;
 use crate::fleet::table::table;
-use crate::fleet::{Compute, Instance, InstanceState};
+use crate::fleet::{Compute, Groups, Instance, InstanceState};
 use crate::lock::{Lease, LeaseStore};
 
 /// Between two looks at whether the instances are gone: EC2 takes from seconds to a couple
@@ -133,9 +134,11 @@ async fn hold<S: LeaseStore>(store: S, args: &Args) -> anyhow::Result<Result<Lea
 
 async fn destroy_aws(args: &Args, aws: &Aws) -> anyhow::Result<i32> {
     let compute = aws.instances();
+    let groups = aws.groups();
     let consent = consent(args.yes, std::io::stdin().is_terminal());
     let outcome = destroy(
         &compute,
+        &groups,
         &args.fleet,
         consent,
         // The prompt blocks this thread, and nothing else runs meanwhile.
@@ -153,11 +156,12 @@ async fn destroy_aws(args: &Args, aws: &Aws) -> anyhow::Result<i32> {
             );
             0
         }
-        Outcome::Refused { count: n } => {
+        Outcome::Refused { count: n, groups } => {
             eprintln!(
-                "error: destroying fleet {} terminates {}, and stdin is not a terminal to ask on: pass --yes to go ahead (nothing was changed)",
+                "error: destroying fleet {} terminates {}{}, and stdin is not a terminal to ask on: pass --yes to go ahead (nothing was changed)",
                 args.fleet,
-                count(n, "instance")
+                count(n, "instance"),
+                in_groups(groups)
             );
             return Ok(2);
         }
@@ -165,11 +169,15 @@ async fn destroy_aws(args: &Args, aws: &Aws) -> anyhow::Result<i32> {
             eprintln!("nothing was changed");
             return Ok(1);
         }
-        Outcome::Terminated { count: n } => {
+        Outcome::Terminated { count: n, groups } => {
             eprintln!(
-                "fleet {} destroyed: {} terminated",
+                "fleet {} destroyed: {} terminated{}",
                 args.fleet,
-                count(n, "instance")
+                count(n, "instance"),
+                match groups {
+                    0 => String::new(),
+                    g => format!(", {} deleted", count(g, "Auto Scaling group")),
+                }
             );
             0
         }
@@ -258,17 +266,28 @@ pub enum Outcome {
     /// The fleet has no instances (already destroyed, or never there).
     Nothing,
     /// No go-ahead and no way to ask: nothing was changed.
-    Refused { count: usize },
+    Refused { count: usize, groups: usize },
     /// The answer was no: nothing was changed.
     Declined,
     /// These many instances were terminated and are gone.
-    Terminated { count: usize },
+    Terminated { count: usize, groups: usize },
 }
 
-/// Lists the fleet, shows it on `out`, gets the go-ahead, terminates every instance and
-/// waits (until `timeout`, looking every `poll`) until none of them is listed any more.
-pub async fn destroy<C: Compute>(
+/// " in 2 Auto Scaling groups", or nothing.
+fn in_groups(groups: usize) -> String {
+    match groups {
+        0 => String::new(),
+        g => format!(" in {}", count(g, "Auto Scaling group")),
+    }
+}
+
+/// Lists the fleet, shows it on `out`, gets the go-ahead, deletes every group, terminates
+/// every instance and waits (until `timeout`, looking every `poll`) until none of them is
+/// listed any more.
+#[allow(clippy::too_many_arguments)]
+pub async fn destroy<C: Compute, G: Groups>(
     compute: &C,
+    groups: &G,
     fleet: &str,
     consent: Consent,
     ask: impl FnOnce(&str) -> std::io::Result<bool>,
@@ -276,30 +295,67 @@ pub async fn destroy<C: Compute>(
     poll: Duration,
     out: &mut impl Write,
 ) -> anyhow::Result<Outcome> {
+    let found = groups
+        .groups(fleet)
+        .await
+        .with_context(|| format!("listing the Auto Scaling groups of fleet {fleet}"))?;
     let instances = compute
         .instances(fleet)
         .await
         .with_context(|| format!("listing the instances of fleet {fleet}"))?;
-    if instances.is_empty() {
+    if instances.is_empty() && found.is_empty() {
         return Ok(Outcome::Nothing);
     }
     let n = instances.len();
+    let g = found.len();
     // The table ends in a newline.
     write!(
         out,
-        "fleet {fleet}: {} to terminate\n{}",
+        "fleet {fleet}: {}{} to terminate\n{}",
         count(n, "instance"),
+        in_groups(g),
         listing(&instances)
     )?;
+    for group in &found {
+        writeln!(
+            out,
+            "group {} ({}, {} of {}..{} instances)",
+            group.name,
+            group.az,
+            group.instances.len(),
+            group.capacity.min,
+            group.capacity.max
+        )?;
+    }
     match consent {
         Consent::Given => {}
-        Consent::Refuse => return Ok(Outcome::Refused { count: n }),
+        Consent::Refuse => {
+            return Ok(Outcome::Refused {
+                count: n,
+                groups: g,
+            })
+        }
         Consent::Ask => {
-            let question = format!("Terminate {} of fleet {fleet}?", count(n, "instance"));
+            let question = format!(
+                "Terminate {}{} of fleet {fleet}?",
+                count(n, "instance"),
+                in_groups(g)
+            );
             if !ask(&question).context("reading the answer")? {
                 return Ok(Outcome::Declined);
             }
         }
+    }
+    // Groups first: each would replace an instance terminated under it. Deleting one
+    // terminates its instances.
+    for group in &found {
+        tracing::info!(fleet, group = %group.name, "deleting the Auto Scaling group");
+        groups.delete(&group.name).await.with_context(|| {
+            format!(
+                "deleting Auto Scaling group {} of fleet {fleet}",
+                group.name
+            )
+        })?;
     }
     let ids: Vec<String> = instances.into_iter().map(|i| i.id).collect();
     tracing::info!(fleet, ?ids, "terminating");
@@ -317,7 +373,10 @@ pub async fn destroy<C: Compute>(
             listed.join(", ")
         );
     }
-    Ok(Outcome::Terminated { count: n })
+    Ok(Outcome::Terminated {
+        count: n,
+        groups: g,
+    })
 }
 
 /// Waits until none of `ids` is listed in the fleet; answers the fleet's other instances
@@ -430,6 +489,7 @@ mod tests {
             rollout: Some("r1".into()),
             retiring: None,
             address: None,
+            group: None,
         }
     }
 
@@ -509,7 +569,17 @@ mod tests {
         timeout: Duration,
     ) -> (anyhow::Result<Outcome>, String) {
         let mut out = Vec::new();
-        let outcome = destroy(compute, "web", consent, ask, timeout, POLL, &mut out).await;
+        let outcome = destroy(
+            compute,
+            &crate::fleet::NoGroups,
+            "web",
+            consent,
+            ask,
+            timeout,
+            POLL,
+            &mut out,
+        )
+        .await;
         (outcome, String::from_utf8(out).unwrap())
     }
 
@@ -598,7 +668,13 @@ mod tests {
     async fn refused_without_a_terminal() {
         let fake = Fake::new(&["i-1", "i-2"], 0);
         let (outcome, out) = go(&fake, Consent::Refuse, never_asked).await;
-        assert_eq!(outcome.unwrap(), Outcome::Refused { count: 2 });
+        assert_eq!(
+            outcome.unwrap(),
+            Outcome::Refused {
+                count: 2,
+                groups: 0
+            }
+        );
         assert!(fake.terminated().is_empty());
         assert!(out.contains("i-1") && out.contains("i-2"), "{out}");
     }
@@ -625,7 +701,13 @@ mod tests {
         let fake = Fake::new(&["i-1", "i-2"], 2);
         let start = Instant::now();
         let (outcome, _) = go(&fake, Consent::Ask, |_: &str| Ok(true)).await;
-        assert_eq!(outcome.unwrap(), Outcome::Terminated { count: 2 });
+        assert_eq!(
+            outcome.unwrap(),
+            Outcome::Terminated {
+                count: 2,
+                groups: 0
+            }
+        );
         assert_eq!(fake.terminated(), vec!["i-1", "i-2"]);
         // Two listings still show them, the third does not: two polls waited.
         assert_eq!(start.elapsed(), 2 * POLL);
@@ -636,7 +718,13 @@ mod tests {
         let fake = Fake::new(&["i-1"], 0);
         let start = Instant::now();
         let (outcome, _) = go(&fake, Consent::Given, never_asked).await;
-        assert_eq!(outcome.unwrap(), Outcome::Terminated { count: 1 });
+        assert_eq!(
+            outcome.unwrap(),
+            Outcome::Terminated {
+                count: 1,
+                groups: 0
+            }
+        );
         assert_eq!(start.elapsed(), Duration::ZERO);
     }
 

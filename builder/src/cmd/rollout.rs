@@ -52,9 +52,20 @@ pub struct Args {
     /// [default: 127.0.0.1:8080 for a new fleet; port 0 picks a free port]
     #[arg(long)]
     pub listen: Option<std::net::SocketAddr>,
-    /// Instances in each availability zone.
+    /// Instances in each availability zone (on AWS: each AZ's Auto Scaling group keeps
+    /// this many, unless it scales).
     #[arg(long)]
     pub per_az: Option<usize>,
+    /// AWS: let each AZ's group scale, down to this many instances [default: --per-az].
+    #[arg(long, value_name = "N")]
+    pub min_per_az: Option<usize>,
+    /// AWS: let each AZ's group scale, up to this many instances [default: the minimum].
+    #[arg(long, value_name = "N")]
+    pub max_per_az: Option<usize>,
+    /// AWS: scale each AZ's group to keep this many requests per instance (target
+    /// tracking on the load balancer's request count per target; needs --max-per-az).
+    #[arg(long, value_name = "REQUESTS")]
+    pub target_requests_per_instance: Option<f64>,
     /// One subnet per AZ, at least two AZs (comma-separated).
     #[arg(long, value_delimiter = ',')]
     pub subnets: Option<Vec<String>>,
@@ -83,7 +94,8 @@ pub struct Args {
     /// Seconds each wait may take (running, healthy, drained).
     #[arg(long)]
     pub timeout: Option<u64>,
-    /// New instances launched at a time in one AZ.
+    /// Local: new instances launched at a time in one AZ. (On AWS a release's group is
+    /// made at its full size and gated as a whole.)
     #[arg(long)]
     pub max_surge: Option<usize>,
     /// Roll every AZ at once instead of one after the other.
@@ -133,6 +145,9 @@ async fn run_aws(args: Args) -> anyhow::Result<i32> {
     let cli = FleetFile {
         ami: args.ami.clone(),
         per_az: args.per_az,
+        min_per_az: args.min_per_az,
+        max_per_az: args.max_per_az,
+        target_requests_per_instance: args.target_requests_per_instance,
         subnets: args.subnets.clone(),
         security_groups: args.security_groups.clone(),
         instance_type: args.instance_type.clone(),
@@ -181,6 +196,16 @@ async fn run_aws(args: Args) -> anyhow::Result<i32> {
             return Ok(2);
         }
     };
+    // Requests per instance are the target group's: refused before anything is made, not
+    // when the first group is attached.
+    if fleet.target_group.is_none()
+        && fleet
+            .scaling
+            .is_some_and(|s| s.target_requests_per_instance.is_some())
+    {
+        eprintln!("error: --target-requests-per-instance needs a target group (--target-group or --stack): requests per instance are counted there");
+        return Ok(2);
+    }
     let health = match on_aws(
         Document::HealthCheck,
         fleet.health_command.as_deref(),
@@ -274,7 +299,12 @@ async fn rollout_aws(
     lost: Option<CancellationToken>,
 ) -> anyhow::Result<i32> {
     let settings = settings(args, fleet, placements, &launch, health);
-    let fx = aws.fleet(launch, &fleet.prefix, fleet.target_group.as_deref());
+    let fx = aws.fleet(
+        launch,
+        &fleet.prefix,
+        fleet.target_group.as_deref(),
+        fleet.scaling,
+    );
     if !args.dry_run {
         // All of them, so that `health` and `drift`, whose IAM scopes may only read
         // documents, find theirs.
@@ -534,5 +564,6 @@ fn settings(
         alarms: fleet.alarms.clone(),
         // DescribeInstances/DescribeTargetHealth every 5 s stays far under EC2's limits.
         poll: Duration::from_secs(5),
+        scaling: fleet.scaling,
     }
 }

@@ -163,6 +163,25 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
         }
     }
     let stacks = CloudFormation::new(&config);
+    // A fleet another amictl is changing is refused before the stack or the image is
+    // touched. Its lock lives in the stack's bucket: only a stack that exists can hold one.
+    let fleet = RolloutPlan::of(&args).fleet;
+    match crate::stack::read_outputs(&stacks, &args.name).await {
+        Ok(outputs) => {
+            let store = crate::lock::s3::S3Store::new(&config, &outputs.import_bucket, &fleet);
+            match crate::lock::holder(&store, &fleet).await {
+                Ok(None) => {}
+                Ok(Some(held)) => {
+                    eprintln!("error: {held}\n(nothing was changed: not the stack, not the image)");
+                    return Ok(2);
+                }
+                // The rollout takes the lock itself and says what is wrong with it.
+                Err(e) => tracing::warn!(error = %e, "cannot read the fleet's lock yet"),
+            }
+        }
+        Err(crate::stack::StackError::NotFound(_)) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read the stack's outputs yet"),
+    }
     let request = DeployRequest {
         name: &args.name,
         prefix: Some(&args.publish.prefix),

@@ -1,13 +1,14 @@
-//! A fleet's effects on AWS: EC2 instances, SSM Run Command with amictl's documents, an
+//! A fleet's effects on AWS: Auto Scaling groups of EC2 instances, SSM Run Command with amictl's documents, an
 //! ELBv2 target group, CloudWatch alarms, and the lock in the stack's bucket.
 
 use anyhow::Context;
 use aws_config::SdkConfig;
 
 use super::Effects;
+use crate::fleet::asg::AutoScalingGroups;
 use crate::fleet::ec2::{Ec2Compute, Ec2LaunchSettings};
 use crate::fleet::elb::{CloudWatchAlarms, TargetGroup};
-use crate::fleet::Placement;
+use crate::fleet::{Placement, Scaling};
 use crate::lock::s3::S3Store;
 use crate::ssm::SsmRunCommand;
 
@@ -27,6 +28,19 @@ impl Aws {
     /// What reads fleets and terminates instances; launching needs [`Aws::fleet`].
     pub fn instances(&self) -> Ec2Compute {
         Ec2Compute::new(&self.config, Ec2LaunchSettings::default())
+    }
+
+    /// What reads a fleet's Auto Scaling groups and deletes them; making them needs
+    /// [`Aws::fleet`].
+    pub fn groups(&self) -> AutoScalingGroups {
+        AutoScalingGroups {
+            asg: aws_sdk_autoscaling::Client::new(&self.config),
+            elb: aws_sdk_elasticloadbalancingv2::Client::new(&self.config),
+            compute: self.instances(),
+            target_group: None,
+            prefix: String::new(),
+            target_requests_per_instance: None,
+        }
     }
 
     /// Run Command through amictl's `{prefix}…` documents.
@@ -93,15 +107,25 @@ impl Aws {
             .collect()
     }
 
-    /// Everything a rollout changes: instances launched with `launch`, gated through
-    /// `prefix`'s documents, registered in `target_group`, watched by CloudWatch.
+    /// Everything a rollout changes: one Auto Scaling group per AZ and release, launching
+    /// with `launch` and scaling by `scaling`, gated through `prefix`'s documents, attached
+    /// to `target_group`, watched by CloudWatch.
     pub fn fleet(
         &self,
         launch: Ec2LaunchSettings,
         prefix: &str,
         target_group: Option<&str>,
+        scaling: Option<Scaling>,
     ) -> AwsFleet {
         AwsFleet {
+            groups: AutoScalingGroups {
+                asg: aws_sdk_autoscaling::Client::new(&self.config),
+                elb: aws_sdk_elasticloadbalancingv2::Client::new(&self.config),
+                compute: Ec2Compute::new(&self.config, launch.clone()),
+                target_group: target_group.map(str::to_owned),
+                prefix: prefix.to_owned(),
+                target_requests_per_instance: scaling.and_then(|s| s.target_requests_per_instance),
+            },
             compute: Ec2Compute::new(&self.config, launch),
             run: self.run_command(prefix),
             lb: target_group.map(|arn| TargetGroup {
@@ -117,6 +141,7 @@ impl Aws {
 
 /// A rollout's effects on AWS.
 pub struct AwsFleet {
+    pub groups: AutoScalingGroups,
     pub compute: Ec2Compute,
     pub run: SsmRunCommand,
     pub lb: Option<TargetGroup>,
@@ -124,12 +149,16 @@ pub struct AwsFleet {
 }
 
 impl AwsFleet {
-    pub fn effects(&self) -> Effects<'_, Ec2Compute, SsmRunCommand, TargetGroup, CloudWatchAlarms> {
+    pub fn effects(
+        &self,
+    ) -> Effects<'_, Ec2Compute, SsmRunCommand, TargetGroup, CloudWatchAlarms, AutoScalingGroups>
+    {
         Effects {
             compute: &self.compute,
             run: &self.run,
             lb: self.lb.as_ref(),
             alarms: &self.alarms,
+            groups: Some(&self.groups),
         }
     }
 }

@@ -42,6 +42,7 @@ impl LocalFleet {
             run: &self.run,
             lb: Some(&self.lb),
             alarms: &self.alarms,
+            groups: crate::rollout::engine::NO_GROUPS,
         }
     }
 }

@@ -251,6 +251,7 @@ mod tests {
             rollout: rollout.map(str::to_owned),
             retiring: None,
             address: None,
+            group: None,
         }
     }
 

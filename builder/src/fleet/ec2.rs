@@ -14,8 +14,8 @@ use aws_sdk_ec2::types::{
 use sha2::{Digest, Sha256};
 
 use super::{
-    CloudError, Compute, Instance, InstanceState, Launch, Placement, TAG_FLEET, TAG_IMAGE,
-    TAG_RETIRING, TAG_ROLLOUT, TAG_SPEC,
+    CloudError, Compute, Instance, InstanceState, Launch, Placement, TAG_FLEET, TAG_GROUP,
+    TAG_IMAGE, TAG_RETIRING, TAG_ROLLOUT, TAG_SPEC,
 };
 use crate::aws::{classify, error_code, AwsError};
 
@@ -119,6 +119,7 @@ pub fn to_instance(i: &aws_sdk_ec2::types::Instance) -> Option<Instance> {
         address: non_empty(i.public_dns_name())
             .or_else(|| non_empty(i.public_ip_address()))
             .or_else(|| non_empty(i.private_ip_address())),
+        group: tag(TAG_GROUP),
     })
 }
 
@@ -142,9 +143,16 @@ impl Ec2Compute {
         &self.settings
     }
 
+    pub fn ec2(&self) -> &aws_sdk_ec2::Client {
+        &self.ec2
+    }
+
     /// The image's root device name (where the encrypted gp3 mapping goes) and its size
     /// in GiB, when the image says.
-    async fn root_device(&self, image: &str) -> Result<(String, Option<i32>), CloudError> {
+    pub(crate) async fn root_device(
+        &self,
+        image: &str,
+    ) -> Result<(String, Option<i32>), CloudError> {
         let out = self
             .ec2
             .describe_images()
@@ -539,6 +547,7 @@ mod tests {
                 retiring: None,
                 // No public DNS name (empty) and no public IP: the private one.
                 address: Some("10.0.0.5".into()),
+                group: None,
             }
         );
         let public = ec2_instance_with(InstanceStateName::Pending, Some("3.3.3.3"));

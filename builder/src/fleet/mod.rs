@@ -2,6 +2,7 @@
 //! the effects a rollout works through. Each effect is a trait (compute, Run Command, load
 //! balancer, alarms), implemented for AWS and for the local fleet, and faked in tests.
 
+pub mod asg;
 pub mod drift;
 pub mod ec2;
 pub mod health;
@@ -24,6 +25,10 @@ pub const TAG_RETIRING: &str = "amictl:retiring";
 /// Digest of the launch settings other than the image (type, groups, profile, subnet).
 pub const TAG_SPEC: &str = "amictl:spec";
 pub const TAG_IMAGE: &str = "amictl:image";
+/// The prefix whose resources these are (what the IAM policy's conditions match).
+pub const TAG_PREFIX: &str = "amictl:prefix";
+/// The tag EC2 Auto Scaling puts on every instance of a group.
+pub const TAG_GROUP: &str = "aws:autoscaling:groupName";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -50,6 +55,9 @@ pub struct Instance {
     pub retiring: Option<String>,
     /// Where it answers from outside (public DNS name or address), if anywhere.
     pub address: Option<String>,
+    /// The group that keeps it (an Auto Scaling group), if one does.
+    #[serde(default)]
+    pub group: Option<String>,
 }
 
 impl Instance {
@@ -209,4 +217,126 @@ pub trait Alarms: Send + Sync {
         &self,
         names: &[String],
     ) -> impl Future<Output = Result<Vec<String>, CloudError>> + Send;
+}
+
+/// A group's size: the provider keeps `desired` instances, and scaling moves `desired`
+/// between `min` and `max`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Capacity {
+    pub min: usize,
+    pub max: usize,
+    pub desired: usize,
+}
+
+/// One release's instances in one AZ, kept at their desired count by the provider (an EC2
+/// Auto Scaling group): an instance that dies or fails its health checks is replaced with
+/// no amictl process running.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Group {
+    pub name: String,
+    pub az: String,
+    pub image: String,
+    pub spec: String,
+    /// The rollout that made it.
+    pub rollout: Option<String>,
+    /// The rollout that took it out of service, if one did.
+    pub retiring: Option<String>,
+    pub capacity: Capacity,
+    /// Attached to the fleet's target group: its instances take traffic.
+    pub attached: bool,
+    /// Target groups other than the fleet's that it is attached to: a hand edit amictl
+    /// did not make and will not undo.
+    pub foreign_targets: Vec<String>,
+    /// Its replacing and scaling are suspended: it keeps exactly the instances it has.
+    pub held: bool,
+    /// Its instances (launched by it, not yet terminated).
+    pub instances: Vec<String>,
+}
+
+/// How a group scales, if it does: between `min` and `max` per AZ, following a target of
+/// requests per instance when one is set.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Scaling {
+    pub min: usize,
+    pub max: usize,
+    pub target_requests_per_instance: Option<f64>,
+}
+
+/// A group to make: `capacity` instances of `image` in `placement`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewGroup {
+    pub name: String,
+    pub fleet: String,
+    pub placement: Placement,
+    pub image: String,
+    pub spec: String,
+    pub rollout: String,
+    pub capacity: Capacity,
+}
+
+/// Releases as groups that keep their own capacity (EC2 Auto Scaling). A provider without
+/// them (the local fleet, whose supervisor keeps its capacity) uses [`NoGroups`].
+pub trait Groups: Send + Sync {
+    /// The fleet's groups, but not those being deleted.
+    fn groups(&self, fleet: &str) -> impl Future<Output = Result<Vec<Group>, CloudError>> + Send;
+    /// Makes the group, not attached to the load balancer. Making one that exists (a
+    /// resumed rollout) changes nothing.
+    fn create(&self, group: &NewGroup) -> impl Future<Output = Result<(), CloudError>> + Send;
+    /// Puts its instances, and those it launches later, into the fleet's target group.
+    fn attach(&self, name: &str) -> impl Future<Output = Result<(), CloudError>> + Send;
+    /// Takes its instances out of the target group (they drain); they keep running.
+    fn detach(&self, name: &str) -> impl Future<Output = Result<(), CloudError>> + Send;
+    /// `Some(rollout)`: suspends its replacing and scaling and marks it as taken out of
+    /// service by `rollout`, so it keeps exactly the instances it has until the rollout
+    /// commits or rolls back. `None`: resumes both and unmarks it.
+    fn hold(
+        &self,
+        name: &str,
+        retiring: Option<&str>,
+    ) -> impl Future<Output = Result<(), CloudError>> + Send;
+    /// Sets its size bounds (and the desired count within them) and its scaling target.
+    fn resize(
+        &self,
+        name: &str,
+        capacity: Capacity,
+        target_requests_per_instance: Option<f64>,
+    ) -> impl Future<Output = Result<(), CloudError>> + Send;
+    /// Deletes it and terminates its instances; deleting one that is gone changes nothing.
+    fn delete(&self, name: &str) -> impl Future<Output = Result<(), CloudError>> + Send;
+}
+
+/// The [`Groups`] of a provider that has none: a rollout then launches instances itself.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoGroups;
+
+impl Groups for NoGroups {
+    async fn groups(&self, _fleet: &str) -> Result<Vec<Group>, CloudError> {
+        Ok(Vec::new())
+    }
+    async fn create(&self, group: &NewGroup) -> Result<(), CloudError> {
+        Err(CloudError::Other(format!(
+            "this provider has no groups (asked to make {})",
+            group.name
+        )))
+    }
+    async fn attach(&self, _name: &str) -> Result<(), CloudError> {
+        Ok(())
+    }
+    async fn detach(&self, _name: &str) -> Result<(), CloudError> {
+        Ok(())
+    }
+    async fn hold(&self, _name: &str, _retiring: Option<&str>) -> Result<(), CloudError> {
+        Ok(())
+    }
+    async fn resize(
+        &self,
+        _name: &str,
+        _capacity: Capacity,
+        _target: Option<f64>,
+    ) -> Result<(), CloudError> {
+        Ok(())
+    }
+    async fn delete(&self, _name: &str) -> Result<(), CloudError> {
+        Ok(())
+    }
 }

@@ -4,6 +4,11 @@
 //! desired count, once the fleet is established), and can "crash" at a given call: from
 //! then on nothing changes, as if the process running the rollout had died.
 //!
+//! Auto Scaling as EC2 models it: a group that is not held keeps its desired count of live
+//! instances, replacing one that was terminated or went down, and registers what it
+//! launches while it is attached; a held group (its processes suspended) keeps exactly the
+//! instances it has.
+//!
 //! Used by the rollout simulation tests and the rollout benchmark.
 
 use std::collections::BTreeMap;
@@ -13,8 +18,8 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::{
-    Alarms, CloudError, Command, Compute, Instance, InstanceState, Invocation, Launch,
-    LoadBalancer, RunCommand, TargetState,
+    Alarms, Capacity, CloudError, Command, Compute, Group, Groups, Instance, InstanceState,
+    Invocation, Launch, LoadBalancer, NewGroup, RunCommand, TargetState,
 };
 
 #[derive(Debug, Clone, Default)]
@@ -38,6 +43,8 @@ pub struct Faults {
     pub crash_at_call: Option<u64>,
     /// TerminateInstances fails (so a rollback cannot finish).
     pub fail_terminate: bool,
+    /// A group made is not listed for this long (eventually consistent reads).
+    pub groups_listed_after: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -52,9 +59,23 @@ struct Target {
     since: Instant,
 }
 
+#[derive(Debug, Clone)]
+struct SimGroup {
+    az: String,
+    image: String,
+    spec: String,
+    rollout: String,
+    retiring: Option<String>,
+    capacity: Capacity,
+    attached: bool,
+    held: bool,
+    made: Instant,
+}
+
 #[derive(Debug)]
 struct World {
     nodes: BTreeMap<String, Node>,
+    groups: BTreeMap<String, SimGroup>,
     tokens: BTreeMap<String, String>,
     targets: BTreeMap<String, Target>,
     next: u64,
@@ -83,6 +104,7 @@ impl SimCloud {
         SimCloud {
             world: Arc::new(Mutex::new(World {
                 nodes: BTreeMap::new(),
+                groups: BTreeMap::new(),
                 tokens: BTreeMap::new(),
                 targets: BTreeMap::new(),
                 next: 0,
@@ -126,9 +148,52 @@ impl SimCloud {
         self.world.lock().unwrap().launches
     }
 
+    /// Terminates an instance behind the rollout's back (a lost host, a person): its
+    /// group, if it has one, replaces it.
+    pub fn kill(&self, id: &str) {
+        let mut w = self.world.lock().unwrap();
+        if let Some(n) = w.nodes.get_mut(id) {
+            n.inst.state = InstanceState::Terminated;
+        }
+        w.targets.remove(id);
+        // The group notices at once (EC2 takes up to a minute or so).
+        reconcile(&mut w);
+    }
+
+    /// Sets a group's desired count, as a scaling policy would.
+    pub fn scale(&self, group: &str, desired: usize) {
+        let mut w = self.world.lock().unwrap();
+        if let Some(g) = w.groups.get_mut(group) {
+            g.capacity.desired = desired;
+        }
+        reconcile(&mut w);
+    }
+
+    /// The groups, by name: (AZ, image, desired, attached, held).
+    pub fn groups(&self) -> BTreeMap<String, (String, String, usize, bool, bool)> {
+        let mut w = self.world.lock().unwrap();
+        reconcile(&mut w);
+        w.groups
+            .iter()
+            .map(|(name, g)| {
+                (
+                    name.clone(),
+                    (
+                        g.az.clone(),
+                        g.image.clone(),
+                        g.capacity.desired,
+                        g.attached,
+                        g.held,
+                    ),
+                )
+            })
+            .collect()
+    }
+
     /// Live instances, and the ids registered in the load balancer with their state.
     pub fn snapshot(&self) -> (Vec<Instance>, BTreeMap<String, TargetState>) {
-        let w = self.world.lock().unwrap();
+        let mut w = self.world.lock().unwrap();
+        reconcile(&mut w);
         let now = Instant::now();
         let live = w
             .nodes
@@ -149,6 +214,8 @@ impl SimCloud {
     /// changes), checking the invariant first.
     fn enter(&self) -> Result<std::sync::MutexGuard<'_, World>, CloudError> {
         let mut w = self.world.lock().unwrap();
+        // The groups keep working whatever happens to the rollout's process.
+        reconcile(&mut w);
         check_capacity(&mut w);
         if w.crashed {
             return Err(CloudError::Other("crashed".into()));
@@ -159,6 +226,112 @@ impl SimCloud {
             return Err(CloudError::Other("crashed".into()));
         }
         Ok(w)
+    }
+}
+
+/// Auto Scaling's part, at the moment of a call: each group that is not held replaces its
+/// dead instances and launches up to its desired count (none in an AZ without capacity),
+/// or terminates its newest surplus; what it launches while attached is registered.
+fn reconcile(w: &mut World) {
+    let now = Instant::now();
+    let names: Vec<String> = w.groups.keys().cloned().collect();
+    for name in names {
+        let g = w.groups[&name].clone();
+        if g.held {
+            continue;
+        }
+        let members: Vec<String> = w
+            .nodes
+            .values()
+            .filter(|n| n.inst.group.as_deref() == Some(name.as_str()))
+            .filter(|n| n.inst.state != InstanceState::Terminated)
+            .map(|n| n.inst.id.clone())
+            .collect();
+        let mut live = Vec::new();
+        for id in members {
+            let node = w.nodes.get_mut(&id).expect("members are nodes");
+            if node.inst.state == InstanceState::Down {
+                node.inst.state = InstanceState::Terminated;
+                w.targets.remove(&id);
+            } else {
+                live.push(id);
+            }
+        }
+        while live.len() > g.capacity.desired {
+            let id = live.pop().expect("more live than desired");
+            if let Some(n) = w.nodes.get_mut(&id) {
+                n.inst.state = InstanceState::Terminated;
+            }
+            w.targets.remove(&id);
+        }
+        if w.faults.no_capacity_az.as_deref() == Some(g.az.as_str()) {
+            continue;
+        }
+        for _ in live.len()..g.capacity.desired {
+            w.next += 1;
+            w.launches += 1;
+            let id = format!("i-{:04}", w.next);
+            w.nodes.insert(
+                id.clone(),
+                Node {
+                    inst: Instance {
+                        id: id.clone(),
+                        az: g.az.clone(),
+                        image: g.image.clone(),
+                        spec: g.spec.clone(),
+                        state: InstanceState::Pending,
+                        rollout: Some(g.rollout.clone()),
+                        retiring: None,
+                        address: Some(format!("{id}.sim")),
+                        group: Some(name.clone()),
+                    },
+                    launched: now,
+                },
+            );
+            if g.attached {
+                w.targets.insert(
+                    id,
+                    Target {
+                        registered: true,
+                        since: now,
+                    },
+                );
+            }
+        }
+    }
+}
+
+fn members(w: &World, group: &str) -> Vec<String> {
+    w.nodes
+        .values()
+        .filter(|n| n.inst.group.as_deref() == Some(group))
+        .filter(|n| n.inst.state != InstanceState::Terminated)
+        .map(|n| n.inst.id.clone())
+        .collect()
+}
+
+fn set_registered(w: &mut World, ids: &[String], registered: bool) {
+    let now = Instant::now();
+    for id in ids {
+        match w.targets.get_mut(id) {
+            Some(t) if t.registered == registered => {}
+            Some(t) => {
+                *t = Target {
+                    registered,
+                    since: now,
+                }
+            }
+            None if registered => {
+                w.targets.insert(
+                    id.clone(),
+                    Target {
+                        registered,
+                        since: now,
+                    },
+                );
+            }
+            None => {}
+        }
     }
 }
 
@@ -264,6 +437,7 @@ impl Compute for SimCloud {
                     rollout: Some(l.rollout.clone()),
                     retiring: None,
                     address: Some(format!("{id}.sim")),
+                    group: None,
                 },
                 launched: Instant::now(),
             },
@@ -346,35 +520,13 @@ impl RunCommand for SimCloud {
 impl LoadBalancer for SimCloud {
     async fn register(&self, ids: &[String]) -> Result<(), CloudError> {
         let mut w = self.enter()?;
-        let now = Instant::now();
-        for id in ids {
-            let already = w.targets.get(id).is_some_and(|t| t.registered);
-            if !already {
-                w.targets.insert(
-                    id.clone(),
-                    Target {
-                        registered: true,
-                        since: now,
-                    },
-                );
-            }
-        }
+        set_registered(&mut w, ids, true);
         Ok(())
     }
 
     async fn deregister(&self, ids: &[String]) -> Result<(), CloudError> {
         let mut w = self.enter()?;
-        let now = Instant::now();
-        for id in ids {
-            if let Some(t) = w.targets.get_mut(id) {
-                if t.registered {
-                    *t = Target {
-                        registered: false,
-                        since: now,
-                    };
-                }
-            }
-        }
+        set_registered(&mut w, ids, false);
         Ok(())
     }
 
@@ -399,5 +551,118 @@ impl Alarms for SimCloud {
             Some(at) if w.calls >= at => names.to_vec(),
             _ => Vec::new(),
         })
+    }
+}
+
+impl Groups for SimCloud {
+    async fn groups(&self, _fleet: &str) -> Result<Vec<Group>, CloudError> {
+        let w = self.enter()?;
+        let now = Instant::now();
+        Ok(w.groups
+            .iter()
+            .filter(|(_, g)| now >= g.made + w.faults.groups_listed_after)
+            .map(|(name, g)| Group {
+                name: name.clone(),
+                az: g.az.clone(),
+                image: g.image.clone(),
+                spec: g.spec.clone(),
+                rollout: Some(g.rollout.clone()),
+                retiring: g.retiring.clone(),
+                capacity: g.capacity,
+                attached: g.attached,
+                foreign_targets: Vec::new(),
+                held: g.held,
+                instances: members(&w, name),
+            })
+            .collect())
+    }
+
+    async fn create(&self, new: &NewGroup) -> Result<(), CloudError> {
+        let mut w = self.enter()?;
+        // As CreateAutoScalingGroup does, this only makes the group: it launches on its
+        // own, at the next moment the world is looked at.
+        w.groups
+            .entry(new.name.clone())
+            .or_insert_with(|| SimGroup {
+                az: new.placement.az.clone(),
+                image: new.image.clone(),
+                spec: new.spec.clone(),
+                rollout: new.rollout.clone(),
+                retiring: None,
+                capacity: new.capacity,
+                attached: false,
+                held: false,
+                made: Instant::now(),
+            });
+        Ok(())
+    }
+
+    async fn attach(&self, name: &str) -> Result<(), CloudError> {
+        let mut w = self.enter()?;
+        let g = w
+            .groups
+            .get_mut(name)
+            .ok_or_else(|| CloudError::NotFound(format!("no group {name}")))?;
+        g.attached = true;
+        let ids = members(&w, name);
+        set_registered(&mut w, &ids, true);
+        Ok(())
+    }
+
+    async fn detach(&self, name: &str) -> Result<(), CloudError> {
+        let mut w = self.enter()?;
+        let g = w
+            .groups
+            .get_mut(name)
+            .ok_or_else(|| CloudError::NotFound(format!("no group {name}")))?;
+        g.attached = false;
+        let ids = members(&w, name);
+        set_registered(&mut w, &ids, false);
+        Ok(())
+    }
+
+    async fn hold(&self, name: &str, retiring: Option<&str>) -> Result<(), CloudError> {
+        let mut w = self.enter()?;
+        let g = w
+            .groups
+            .get_mut(name)
+            .ok_or_else(|| CloudError::NotFound(format!("no group {name}")))?;
+        g.held = retiring.is_some();
+        g.retiring = retiring.map(str::to_owned);
+        Ok(())
+    }
+
+    async fn resize(
+        &self,
+        name: &str,
+        capacity: Capacity,
+        _target: Option<f64>,
+    ) -> Result<(), CloudError> {
+        let mut w = self.enter()?;
+        let g = w
+            .groups
+            .get_mut(name)
+            .ok_or_else(|| CloudError::NotFound(format!("no group {name}")))?;
+        g.capacity = capacity;
+        Ok(())
+    }
+
+    async fn delete(&self, name: &str) -> Result<(), CloudError> {
+        let mut w = self.enter()?;
+        if w.faults.fail_terminate {
+            return Err(CloudError::Denied {
+                action: "autoscaling:DeleteAutoScalingGroup",
+                message: "not authorized".into(),
+            });
+        }
+        if w.groups.remove(name).is_some() {
+            for id in members(&w, name) {
+                if let Some(n) = w.nodes.get_mut(&id) {
+                    n.inst.state = InstanceState::Terminated;
+                }
+                w.targets.remove(&id);
+            }
+        }
+        Ok(())
     }
 }

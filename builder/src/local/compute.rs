@@ -142,6 +142,7 @@ impl Compute for LocalCompute {
                 rollout: Some(r.rollout.clone()),
                 retiring: r.retiring.clone(),
                 address: Some(r.addr().to_string()),
+                group: None,
             })
             .collect())
     }

@@ -209,6 +209,7 @@ pub fn settings(
         bake: tuning.bake,
         alarms: Vec::new(),
         poll: Duration::from_millis(100),
+        scaling: None,
     }
 }
 
@@ -275,6 +276,7 @@ pub async fn replace(
         run: &run,
         lb: Some(&lb),
         alarms: &NoAlarms,
+        groups: crate::rollout::engine::NO_GROUPS,
     };
     let outcome = Engine::new(fx, &settings, &rollout).run().await;
     entry.state = match &outcome {

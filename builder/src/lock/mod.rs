@@ -224,6 +224,41 @@ pub struct Lease<S: LeaseStore> {
 /// Tries of a write that S3 answers with 409 (a concurrent conditional write).
 const CONFLICT_TRIES: u32 = 5;
 
+/// A lease's holder, or why the object is not amictl's lease.
+fn parse_holder<S: LeaseStore>(store: &S, fleet: &str, bytes: &[u8]) -> Result<Holder, LockError> {
+    serde_json::from_slice(bytes).map_err(|e| LockError::Foreign {
+        fleet: fleet.to_owned(),
+        location: store.location(),
+        why: e.to_string(),
+    })
+}
+
+/// Who holds `fleet`'s lease now, without taking it: the live holder, if any (an expired
+/// lease, or a local one whose process is gone, is nobody's). For a command that must refuse
+/// early, before it changes what comes before its own lock.
+pub async fn holder<S: LeaseStore>(store: &S, fleet: &str) -> Result<Option<LockError>, LockError> {
+    let Some((bytes, _)) = store.read().await.map_err(|e| LockError::Store {
+        fleet: fleet.to_owned(),
+        location: store.location(),
+        source: e.into(),
+    })?
+    else {
+        return Ok(None);
+    };
+    let theirs = parse_holder(store, fleet, &bytes)?;
+    let now = crate::rollout::now_unix();
+    let dead_here = store.on_this_machine() && !process_alive(theirs.pid);
+    if dead_here || theirs.expired(now) {
+        return Ok(None);
+    }
+    Ok(Some(LockError::Held {
+        fleet: fleet.to_owned(),
+        holder: Box::new(theirs),
+        location: store.location(),
+        now_unix: now,
+    }))
+}
+
 /// Takes the fleet's lease for `me`, or says who holds it.
 pub async fn acquire<S: LeaseStore>(
     store: Arc<S>,
@@ -255,12 +290,7 @@ pub async fn acquire<S: LeaseStore>(
                 let Some((bytes, etag)) = store.read().await.map_err(|e| fail(e.into()))? else {
                     continue; // released between the two calls
                 };
-                let theirs: Holder =
-                    serde_json::from_slice(&bytes).map_err(|e| LockError::Foreign {
-                        fleet: fleet.to_owned(),
-                        location: store.location(),
-                        why: e.to_string(),
-                    })?;
+                let theirs = parse_holder(&*store, fleet, &bytes)?;
                 let now = crate::rollout::now_unix();
                 let dead_here = store.on_this_machine() && !process_alive(theirs.pid);
                 let take = dead_here

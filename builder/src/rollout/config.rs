@@ -6,11 +6,20 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+use crate::fleet::Scaling;
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FleetFile {
     pub ami: Option<String>,
     pub per_az: Option<usize>,
+    /// AWS: the fewest instances per AZ scaling may leave (default: `per_az`).
+    pub min_per_az: Option<usize>,
+    /// AWS: the most instances per AZ scaling may reach (default: the minimum: fixed size).
+    pub max_per_az: Option<usize>,
+    /// AWS: scale each AZ's group to keep this many requests per instance (a target
+    /// tracking policy on ALBRequestCountPerTarget).
+    pub target_requests_per_instance: Option<f64>,
     pub subnets: Option<Vec<String>>,
     pub security_groups: Option<Vec<String>>,
     pub instance_type: Option<String>,
@@ -36,10 +45,12 @@ pub struct ConfigFile {
     pub fleets: BTreeMap<String, FleetFile>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct FleetConfig {
     pub ami: String,
     pub per_az: usize,
+    /// How each AZ's group scales; None: fixed at `per_az`.
+    pub scaling: Option<Scaling>,
     pub subnets: Vec<String>,
     pub security_groups: Vec<String>,
     pub instance_type: String,
@@ -73,6 +84,8 @@ pub enum ConfigError {
     OneAz(String),
     #[error("fleet {0}: --per-az must be at least 1")]
     ZeroPerAz(String),
+    #[error("fleet {fleet}: {problem}")]
+    Scaling { fleet: String, problem: String },
 }
 
 impl ConfigFile {
@@ -113,7 +126,19 @@ pub fn merge(
     if per_az == 0 {
         return Err(ConfigError::ZeroPerAz(fleet.to_owned()));
     }
+    let scaling = scaling(
+        per_az,
+        cli.min_per_az.or(f.min_per_az),
+        cli.max_per_az.or(f.max_per_az),
+        cli.target_requests_per_instance
+            .or(f.target_requests_per_instance),
+    )
+    .map_err(|problem| ConfigError::Scaling {
+        fleet: fleet.to_owned(),
+        problem,
+    })?;
     Ok(FleetConfig {
+        scaling,
         ami: cli
             .ami
             .or(f.ami)
@@ -146,6 +171,46 @@ pub fn merge(
         bake: cli.bake.or(f.bake).unwrap_or(0),
         lock_bucket: cli.lock_bucket.or(f.lock_bucket),
     })
+}
+
+/// The scaling bounds (pure): None when none is asked for (a fixed `per_az`); the minimum
+/// defaults to `per_az`, the maximum to the minimum.
+pub fn scaling(
+    per_az: usize,
+    min: Option<usize>,
+    max: Option<usize>,
+    target: Option<f64>,
+) -> Result<Option<Scaling>, String> {
+    if min.is_none() && max.is_none() && target.is_none() {
+        return Ok(None);
+    }
+    if target.is_some() && max.is_none() {
+        return Err("--target-requests-per-instance needs --max-per-az: the most instances per AZ scaling may reach".into());
+    }
+    if let Some(t) = target {
+        if !(t.is_finite() && t > 0.0) {
+            return Err(format!(
+                "--target-requests-per-instance {t} must be a number of requests above 0"
+            ));
+        }
+    }
+    let min = min.unwrap_or(per_az);
+    let max = max.unwrap_or(min);
+    if min == 0 {
+        return Err(
+            "--min-per-az must be at least 1: an AZ with no instance serves nothing".into(),
+        );
+    }
+    if min > max {
+        return Err(format!(
+            "--min-per-az {min} is above --max-per-az {max}: lower the minimum or raise the maximum"
+        ));
+    }
+    Ok(Some(Scaling {
+        min,
+        max,
+        target_requests_per_instance: target,
+    }))
 }
 
 #[cfg(test)]
@@ -195,5 +260,47 @@ mod tests {
         .unwrap_err();
         assert_eq!(e, ConfigError::OneAz("api".into()));
         assert!(toml::from_str::<ConfigFile>("[fleets.web]\namii = \"x\"\n").is_err());
+    }
+
+    #[test]
+    fn scaling_bounds_and_their_errors() {
+        assert_eq!(scaling(2, None, None, None), Ok(None));
+        assert_eq!(
+            scaling(2, None, Some(5), None),
+            Ok(Some(Scaling {
+                min: 2,
+                max: 5,
+                target_requests_per_instance: None
+            }))
+        );
+        assert_eq!(
+            scaling(2, Some(3), None, None)
+                .unwrap()
+                .map(|s| (s.min, s.max)),
+            Some((3, 3))
+        );
+        let e = scaling(2, Some(5), Some(3), None).unwrap_err();
+        assert!(e.contains("--min-per-az 5 is above --max-per-az 3"), "{e}");
+        let e = scaling(2, None, None, Some(100.0)).unwrap_err();
+        assert!(e.contains("needs --max-per-az"), "{e}");
+        assert!(scaling(2, None, Some(4), Some(0.0)).is_err());
+        assert!(scaling(2, Some(0), Some(4), None).is_err());
+        let e = merge(
+            "web",
+            FleetFile {
+                ami: Some("ami-1".into()),
+                subnets: Some(vec!["a".into(), "b".into()]),
+                security_groups: Some(vec!["sg".into()]),
+                min_per_az: Some(4),
+                max_per_az: Some(2),
+                ..Default::default()
+            },
+            None,
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().starts_with("fleet web: --min-per-az 4"),
+            "{e}"
+        );
     }
 }

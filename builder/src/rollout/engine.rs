@@ -16,8 +16,8 @@ use tracing::{info, warn};
 
 use super::plan::{plan, Desired, Plan, Step};
 use crate::fleet::{
-    Alarms, CloudError, Command, Compute, Instance, InstanceState, Invocation, Launch,
-    LoadBalancer, RunCommand, TargetState,
+    Alarms, CloudError, Command, Compute, Groups, Instance, InstanceState, Invocation, Launch,
+    LoadBalancer, NoGroups, RunCommand, Scaling, TargetState,
 };
 
 #[derive(Debug, Clone)]
@@ -39,14 +39,32 @@ pub struct Settings {
     pub alarms: Vec<String>,
     /// How often waits poll the cloud.
     pub poll: Duration,
+    /// How each AZ's group scales, where releases are groups; None: fixed at `per_az`.
+    pub scaling: Option<Scaling>,
 }
 
-pub struct Effects<'a, C, R, L, A> {
+impl Settings {
+    /// The group size bounds per AZ: the scaling range, or `per_az` fixed.
+    pub fn bounds(&self) -> (usize, usize) {
+        match self.scaling {
+            Some(s) => (s.min, s.max),
+            None => (self.desired.per_az, self.desired.per_az),
+        }
+    }
+}
+
+/// What a rollout works through. With `groups`, each release is one group per AZ that keeps
+/// its own capacity (EC2 Auto Scaling); without, the rollout launches instances itself.
+pub struct Effects<'a, C, R, L, A, G = NoGroups> {
     pub compute: &'a C,
     pub run: &'a R,
     pub lb: Option<&'a L>,
     pub alarms: &'a A,
+    pub groups: Option<&'a G>,
 }
+
+/// `groups` for a provider without groups.
+pub const NO_GROUPS: Option<&'static NoGroups> = None;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -81,16 +99,18 @@ pub fn launch_token(rollout: &str, az: &str, slot: usize) -> String {
     format!("amictl-{}", &hex::encode(h)[..40])
 }
 
-pub struct Engine<'a, C, R, L, A> {
-    fx: Effects<'a, C, R, L, A>,
-    s: &'a Settings,
-    rollout: String,
+pub struct Engine<'a, C, R, L, A, G = NoGroups> {
+    pub(super) fx: Effects<'a, C, R, L, A, G>,
+    pub(super) s: &'a Settings,
+    pub(super) rollout: String,
 }
 
-type StepResult = Result<(), String>;
+pub(super) type StepResult = Result<(), String>;
 
-impl<'a, C: Compute, R: RunCommand, L: LoadBalancer, A: Alarms> Engine<'a, C, R, L, A> {
-    pub fn new(fx: Effects<'a, C, R, L, A>, settings: &'a Settings, rollout: &str) -> Self {
+impl<'a, C: Compute, R: RunCommand, L: LoadBalancer, A: Alarms, G: Groups>
+    Engine<'a, C, R, L, A, G>
+{
+    pub fn new(fx: Effects<'a, C, R, L, A, G>, settings: &'a Settings, rollout: &str) -> Self {
         Engine {
             fx,
             s: settings,
@@ -107,8 +127,19 @@ impl<'a, C: Compute, R: RunCommand, L: LoadBalancer, A: Alarms> Engine<'a, C, R,
         Ok(plan(&self.instances().await?, &self.s.desired))
     }
 
+    /// What running now would do, for people.
+    pub async fn describe_plan(&self) -> Result<String, CloudError> {
+        Ok(match self.fx.groups {
+            Some(g) => format!("{:#?}", self.group_plan(g).await?),
+            None => format!("{:#?}", self.plan().await?),
+        })
+    }
+
     /// Runs (or resumes) the rollout to the end, or rolls it back.
     pub async fn run(&self) -> Result<Outcome, RolloutError> {
+        if let Some(groups) = self.fx.groups {
+            return self.run_groups(groups).await;
+        }
         let mut plan = self.plan().await.map_err(RolloutError::Before)?;
         let repairs = self.repairs(&plan).await.map_err(RolloutError::Before)?;
         if !repairs.is_empty() {
@@ -283,17 +314,8 @@ impl<'a, C: Compute, R: RunCommand, L: LoadBalancer, A: Alarms> Engine<'a, C, R,
             self.wait_targets(lb, &ids, TargetState::Healthy).await?;
         }
         if !step.retire.is_empty() {
-            // Tag before deregistering: whatever happens after the tag, a rollback finds
-            // (and re-registers) every old instance this rollout touched.
-            self.fx
-                .compute
-                .set_retiring(&step.retire, Some(&self.rollout))
-                .await
-                .map_err(|e| format!("marking old instances: {e}"))?;
+            self.take_out_of_service(&step.retire).await?;
             if let Some(lb) = self.fx.lb {
-                lb.deregister(&step.retire)
-                    .await
-                    .map_err(|e| format!("deregistering targets: {e}"))?;
                 self.wait_targets(lb, &step.retire, TargetState::Unused)
                     .await?;
             }
@@ -302,7 +324,24 @@ impl<'a, C: Compute, R: RunCommand, L: LoadBalancer, A: Alarms> Engine<'a, C, R,
         Ok(())
     }
 
-    async fn wait_running(&self, ids: &[String]) -> StepResult {
+    /// Tags old instances retiring by this rollout, then deregisters them (they drain).
+    /// Tag first: whatever happens after the tag, a rollback finds (and re-registers)
+    /// every old instance this rollout touched.
+    pub(super) async fn take_out_of_service(&self, ids: &[String]) -> StepResult {
+        self.fx
+            .compute
+            .set_retiring(ids, Some(&self.rollout))
+            .await
+            .map_err(|e| format!("marking old instances: {e}"))?;
+        if let Some(lb) = self.fx.lb {
+            lb.deregister(ids)
+                .await
+                .map_err(|e| format!("deregistering targets: {e}"))?;
+        }
+        Ok(())
+    }
+
+    pub(super) async fn wait_running(&self, ids: &[String]) -> StepResult {
         let deadline = Instant::now() + self.s.step_timeout;
         loop {
             let all = self.instances().await.map_err(|e| e.to_string())?;
@@ -335,7 +374,7 @@ impl<'a, C: Compute, R: RunCommand, L: LoadBalancer, A: Alarms> Engine<'a, C, R,
 
     /// Every instance must pass the health command `health_passes` times in a row; an
     /// instance SSM cannot reach yet is retried until the deadline.
-    async fn health_gate(&self, ids: &[String]) -> StepResult {
+    pub(super) async fn health_gate(&self, ids: &[String]) -> StepResult {
         let deadline = Instant::now() + self.s.step_timeout;
         let mut streak: BTreeMap<&String, u32> = ids.iter().map(|id| (id, 0)).collect();
         let mut last: BTreeMap<String, String> = BTreeMap::new();
@@ -391,7 +430,12 @@ impl<'a, C: Compute, R: RunCommand, L: LoadBalancer, A: Alarms> Engine<'a, C, R,
         }
     }
 
-    async fn wait_targets(&self, lb: &L, ids: &[String], want: TargetState) -> StepResult {
+    pub(super) async fn wait_targets(
+        &self,
+        lb: &L,
+        ids: &[String],
+        want: TargetState,
+    ) -> StepResult {
         let deadline = Instant::now() + self.s.step_timeout;
         loop {
             let states = lb
@@ -414,7 +458,7 @@ impl<'a, C: Compute, R: RunCommand, L: LoadBalancer, A: Alarms> Engine<'a, C, R,
         }
     }
 
-    async fn check_alarms(&self) -> StepResult {
+    pub(super) async fn check_alarms(&self) -> StepResult {
         if self.s.alarms.is_empty() {
             return Ok(());
         }
@@ -425,7 +469,7 @@ impl<'a, C: Compute, R: RunCommand, L: LoadBalancer, A: Alarms> Engine<'a, C, R,
         }
     }
 
-    async fn bake(&self) -> StepResult {
+    pub(super) async fn bake(&self) -> StepResult {
         if self.s.bake.is_zero() {
             return self.check_alarms().await;
         }
@@ -486,6 +530,9 @@ impl<'a, C: Compute, R: RunCommand, L: LoadBalancer, A: Alarms> Engine<'a, C, R,
     }
 
     async fn try_rollback(&self) -> Result<(), String> {
+        if let Some(groups) = self.fx.groups {
+            return self.rollback_groups(groups).await;
+        }
         let all = self.instances().await.map_err(|e| e.to_string())?;
         let old: Vec<String> = all
             .iter()
@@ -494,10 +541,14 @@ impl<'a, C: Compute, R: RunCommand, L: LoadBalancer, A: Alarms> Engine<'a, C, R,
             })
             .map(|i| i.id.clone())
             .collect();
+        // A group's instances go with their group (above), never one by one: the group
+        // would only replace them.
         let new: Vec<String> = all
             .iter()
             .filter(|i| {
-                i.rollout.as_deref() == Some(&self.rollout) && i.state != InstanceState::Terminated
+                i.rollout.as_deref() == Some(&self.rollout)
+                    && i.state != InstanceState::Terminated
+                    && i.group.is_none()
             })
             .map(|i| i.id.clone())
             .collect();
@@ -530,8 +581,22 @@ impl<'a, C: Compute, R: RunCommand, L: LoadBalancer, A: Alarms> Engine<'a, C, R,
         Ok(())
     }
 
-    /// "i-1 (us-east-1a, ami-old, in service); i-2 (us-east-1b, ami-new, launched by r-…)".
-    async fn describe_state(&self) -> String {
+    /// "i-1 (us-east-1a, ami-old, in service); i-2 (us-east-1b, ami-new, launched by r-…)",
+    /// after the groups, where there are groups.
+    pub(super) async fn describe_state(&self) -> String {
+        let groups = match self.fx.groups {
+            Some(g) => self.describe_groups(g).await,
+            None => String::new(),
+        };
+        let instances = self.describe_instances().await;
+        if groups.is_empty() {
+            instances
+        } else {
+            format!("{groups}; instances: {instances}")
+        }
+    }
+
+    async fn describe_instances(&self) -> String {
         match self.instances().await {
             Err(e) => format!("unknown (cannot list instances: {e})"),
             Ok(all) if all.is_empty() => "no instances".into(),
@@ -543,7 +608,15 @@ impl<'a, C: Compute, R: RunCommand, L: LoadBalancer, A: Alarms> Engine<'a, C, R,
                         (None, Some(r)) if r == &self.rollout => "launched by this rollout".into(),
                         _ => "in service".into(),
                     };
-                    format!("{} ({}, {}, {:?}, {role})", i.id, i.az, i.image, i.state)
+                    let group = i
+                        .group
+                        .as_deref()
+                        .map(|g| format!(", in {g}"))
+                        .unwrap_or_default();
+                    format!(
+                        "{} ({}, {}, {:?}, {role}{group})",
+                        i.id, i.az, i.image, i.state
+                    )
                 })
                 .collect::<Vec<_>>()
                 .join("; "),
@@ -578,7 +651,7 @@ fn describe(inv: &Invocation) -> String {
 }
 
 /// Runs the futures concurrently; the first error, if any (the others finish their step).
-async fn futures_first_error<F>(runs: impl Iterator<Item = F>) -> Option<String>
+pub(super) async fn futures_first_error<F>(runs: impl Iterator<Item = F>) -> Option<String>
 where
     F: std::future::Future<Output = Result<(), String>>,
 {

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::fleet::Instance;
+use crate::fleet::{Group, Instance};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -72,17 +72,34 @@ pub enum Resolution {
     Conflict { rollout: String, image: String },
 }
 
-/// Which rollout a run continues, from the journal and the fleet's tags (pure).
-pub fn resolve(journal: Option<&Entry>, instances: &[Instance], image: &str) -> Resolution {
+/// Which rollout a run continues, from the journal and the fleet's tags (pure): a group
+/// or an instance taken out of service names an unfinished rollout, and what that rollout
+/// made names its image.
+pub fn resolve(
+    journal: Option<&Entry>,
+    instances: &[Instance],
+    groups: &[Group],
+    image: &str,
+) -> Resolution {
     let unfinished = match journal {
         Some(e) if e.state == State::InProgress => Some((e.rollout.clone(), Some(e.image.clone()))),
-        _ => instances.iter().find_map(|i| i.retiring.clone()).map(|r| {
-            let target = instances
-                .iter()
-                .find(|i| i.rollout.as_deref() == Some(&r))
-                .map(|i| i.image.clone());
-            (r, target)
-        }),
+        _ => groups
+            .iter()
+            .find_map(|g| g.retiring.clone())
+            .or_else(|| instances.iter().find_map(|i| i.retiring.clone()))
+            .map(|r| {
+                let target = groups
+                    .iter()
+                    .find(|g| g.rollout.as_deref() == Some(&r))
+                    .map(|g| g.image.clone())
+                    .or_else(|| {
+                        instances
+                            .iter()
+                            .find(|i| i.rollout.as_deref() == Some(&r))
+                            .map(|i| i.image.clone())
+                    });
+                (r, target)
+            }),
     };
     match unfinished {
         None => Resolution::New,
@@ -112,13 +129,14 @@ mod tests {
             rollout: rollout.map(Into::into),
             retiring: retiring.map(Into::into),
             address: None,
+            group: None,
         }
     }
 
     #[test]
     fn resolution() {
         assert_eq!(
-            resolve(None, &[inst("1", "old", None, None)], "new"),
+            resolve(None, &[inst("1", "old", None, None)], &[], "new"),
             Resolution::New
         );
         let fleet = [
@@ -126,11 +144,11 @@ mod tests {
             inst("2", "new", Some("r1"), None),
         ];
         assert_eq!(
-            resolve(None, &fleet, "new"),
+            resolve(None, &fleet, &[], "new"),
             Resolution::Resume("r1".into())
         );
         assert_eq!(
-            resolve(None, &fleet, "newer"),
+            resolve(None, &fleet, &[], "newer"),
             Resolution::Conflict {
                 rollout: "r1".into(),
                 image: "new".into()
@@ -144,14 +162,14 @@ mod tests {
             state: State::InProgress,
         };
         assert_eq!(
-            resolve(Some(&entry), &[], "new"),
+            resolve(Some(&entry), &[], &[], "new"),
             Resolution::Resume("r2".into())
         );
         let done = Entry {
             state: State::Done,
             ..entry
         };
-        assert_eq!(resolve(Some(&done), &[], "new"), Resolution::New);
+        assert_eq!(resolve(Some(&done), &[], &[], "new"), Resolution::New);
     }
 
     #[test]

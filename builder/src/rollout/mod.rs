@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod engine;
+pub mod groups;
 pub mod journal;
 pub mod plan;
 pub mod run;

@@ -178,6 +178,7 @@ mod tests {
             rollout: None,
             retiring: None,
             address: None,
+            group: None,
         }
     }
 

@@ -7,7 +7,7 @@ use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::fleet::{Alarms, Compute, LoadBalancer, RunCommand};
+use crate::fleet::{Alarms, Compute, Groups, LoadBalancer, RunCommand};
 use crate::rollout::engine::{Effects, Engine, Outcome, RolloutError, Settings};
 use crate::rollout::journal::{new_id, resolve, Entry, Journal, Resolution, State};
 
@@ -24,9 +24,9 @@ pub struct Request<'a> {
 
 /// The rollout of `settings` through `fx`, whatever the provider: resume or start, run or
 /// abort, keep the journal, and print the fleet's URL last on stdout.
-pub async fn drive<C: Compute, R: RunCommand, L: LoadBalancer, A: Alarms>(
+pub async fn drive<C: Compute, R: RunCommand, L: LoadBalancer, A: Alarms, G: Groups>(
     args: &Request<'_>,
-    fx: Effects<'_, C, R, L, A>,
+    fx: Effects<'_, C, R, L, A, G>,
     settings: &Settings,
     journal: Option<Journal>,
     lost: Option<CancellationToken>,
@@ -35,8 +35,12 @@ pub async fn drive<C: Compute, R: RunCommand, L: LoadBalancer, A: Alarms>(
     let compute = fx.compute;
     let lb = fx.lb;
     let current = compute.instances(args.fleet).await?;
+    let groups = match fx.groups {
+        Some(g) => g.groups(args.fleet).await?,
+        None => Vec::new(),
+    };
     let entry = journal.as_ref().and_then(|j| j.load(args.fleet));
-    let rollout = match resolve(entry.as_ref(), &current, &image) {
+    let rollout = match resolve(entry.as_ref(), &current, &groups, &image) {
         Resolution::Resume(id) => {
             info!(rollout = %id, "resuming the unfinished rollout");
             id
@@ -64,8 +68,7 @@ pub async fn drive<C: Compute, R: RunCommand, L: LoadBalancer, A: Alarms>(
     };
     let engine = Engine::new(fx, settings, &rollout);
     if args.dry_run {
-        let plan = engine.plan().await?;
-        eprintln!("{plan:#?}");
+        eprintln!("{}", engine.describe_plan().await?);
         return Ok(0);
     }
     let save = |state: State| {

@@ -118,6 +118,11 @@ pub fn beneath(upper: Option<&FleetFile>, lower: FleetFile) -> FleetFile {
     FleetFile {
         ami: u.ami.or(lower.ami),
         per_az: u.per_az.or(lower.per_az),
+        min_per_az: u.min_per_az.or(lower.min_per_az),
+        max_per_az: u.max_per_az.or(lower.max_per_az),
+        target_requests_per_instance: u
+            .target_requests_per_instance
+            .or(lower.target_requests_per_instance),
         subnets: u.subnets.or(lower.subnets),
         security_groups: u.security_groups.or(lower.security_groups),
         instance_type: u.instance_type.or(lower.instance_type),

@@ -178,6 +178,9 @@ fn against_main() -> Vec<Operation> {
     let stack = "arn:aws:cloudformation:us-east-1:123456789012:stack/amictl-main/0123";
     let role = "arn:aws:iam::123456789012:role/amictl-main-instance";
     let launch_tags: &[(&str, &[&str])] = &[("aws:RequestTag/amictl:fleet", &["amictl-main-web"])];
+    let group = "arn:aws:autoscaling:us-east-1:123456789012:autoScalingGroup:0123:autoScalingGroupName/amictl-main-web-us-east-1a-r-1";
+    let group_tag: &[(&str, &[&str])] =
+        &[("autoscaling:ResourceTag/amictl:prefix", &["amictl-main-"])];
     vec![
         Operation {
             what: "terminate main's instance",
@@ -344,6 +347,47 @@ fn against_main() -> Vec<Operation> {
                     &[],
                 ),
             ],
+        },
+        Operation {
+            what: "delete, detach, hold or resize main's Auto Scaling group",
+            requests: ["autoscaling:DeleteAutoScalingGroup", "autoscaling:DetachLoadBalancerTargetGroups", "autoscaling:AttachLoadBalancerTargetGroups", "autoscaling:SuspendProcesses", "autoscaling:ResumeProcesses", "autoscaling:UpdateAutoScalingGroup", "autoscaling:PutScalingPolicy"]
+                .into_iter()
+                .map(|action| req(action, group, group_tag))
+                .collect(),
+        },
+        Operation {
+            what: "mark main's Auto Scaling group retiring",
+            requests: vec![req(
+                "autoscaling:CreateOrUpdateTags",
+                group,
+                &[
+                    ("autoscaling:ResourceTag/amictl:prefix", &["amictl-main-"]),
+                    ("aws:TagKeys", &["amictl:retiring"]),
+                ],
+            )],
+        },
+        Operation {
+            what: "make a group in main's name, or run instances from main's launch template",
+            requests: vec![
+                req(
+                    "autoscaling:CreateAutoScalingGroup",
+                    group,
+                    &[("aws:RequestTag/amictl:prefix", &["amictl-main-"])],
+                ),
+                req(
+                    "ec2:RunInstances",
+                    &format!("{ARN}:launch-template/lt-0main"),
+                    &[("aws:ResourceTag/amictl:prefix", &["amictl-main-"])],
+                ),
+            ],
+        },
+        Operation {
+            what: "delete main's launch template",
+            requests: vec![req(
+                "ec2:DeleteLaunchTemplate",
+                &format!("{ARN}:launch-template/lt-0main"),
+                &[("aws:ResourceTag/amictl:prefix", &["amictl-main-"])],
+            )],
         },
         Operation {
             what: "overwrite an object in main's import bucket",

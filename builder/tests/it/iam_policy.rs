@@ -813,7 +813,10 @@ fn scopes_and_target_narrow_the_policy() {
         policy_actions(&destroy),
         BTreeSet::from(
             [
+                "autoscaling:DeleteAutoScalingGroup",
+                "autoscaling:DescribeAutoScalingGroups",
                 "cloudformation:DescribeStacks",
+                "ec2:DeleteLaunchTemplate",
                 "ec2:DescribeInstances",
                 "ec2:TerminateInstances",
                 // The fleet's lock.

@@ -18,6 +18,7 @@ mod publish_engine;
 mod publish_moto;
 mod publish_s3_moto;
 mod register_request;
+mod rollout_groups_sim;
 mod rollout_moto;
 mod rollout_sim;
 mod ssm_documents_moto;

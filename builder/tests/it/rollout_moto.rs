@@ -1,7 +1,12 @@
 //! `amictl rollout` end to end against moto, through the real SDK clients: create a
-//! 2 AZ x 2 fleet behind a target group, repeat (a no-op), roll it to a new AMI, and refuse
-//! a missing AMI before launching anything. (moto's Run Command always succeeds and its
-//! targets are healthy at once: the failure paths are covered by `rollout_sim.rs`.)
+//! 2 AZ x 2 fleet behind a target group, one Auto Scaling group per AZ, repeat (a no-op),
+//! roll it to a new AMI (new groups, the old ones deleted), lose an instance (its group
+//! replaces it), roll back on an alarm (the same groups and instances back), destroy; and
+//! refuse a missing AMI before launching anything. (moto's Run Command always succeeds and
+//! its targets are healthy at once: gate failures are covered by `rollout_sim.rs` and
+//! `rollout_groups_sim.rs`. moto replaces a terminated group instance even with Launch
+//! suspended and does not register the replacement in the target group, where EC2 Auto
+//! Scaling does neither and both; the simulated cloud models AWS there.)
 
 use crate::common;
 
@@ -87,20 +92,26 @@ async fn setup(moto: &Moto) -> Setup {
 }
 
 fn rollout(moto: &Moto, state: &std::path::Path, s: &Setup, ami: &str) -> (i32, String, String) {
+    rollout_with(
+        moto,
+        state,
+        s,
+        ami,
+        &["--timeout", "120", "--health-passes", "1"],
+    )
+}
+
+fn rollout_with(
+    moto: &Moto,
+    state: &std::path::Path,
+    s: &Setup,
+    ami: &str,
+    extra: &[&str],
+) -> (i32, String, String) {
     let out = moto
         .amictl()
         .env("XDG_STATE_HOME", state)
-        .args([
-            "rollout",
-            "--fleet",
-            "web",
-            "--per-az",
-            "2",
-            "--health-passes",
-            "1",
-            "--timeout",
-            "120",
-        ])
+        .args(["rollout", "--fleet", "web", "--per-az", "2"])
         .args([
             "--ami",
             ami,
@@ -111,6 +122,7 @@ fn rollout(moto: &Moto, state: &std::path::Path, s: &Setup, ami: &str) -> (i32, 
             "--target-group",
             &s.tg,
         ])
+        .args(extra)
         .output()
         .unwrap();
     (
@@ -135,6 +147,56 @@ async fn fleet(moto: &Moto) -> Vec<(String, String, String)> {
                 i.image_id().unwrap().to_owned(),
             )
         })
+        .collect();
+    v.sort();
+    v
+}
+
+/// The fleet's Auto Scaling groups: (name, AZ, target groups, desired, suspended
+/// processes, instance ids), by name.
+async fn groups(moto: &Moto) -> Vec<(String, String, Vec<String>, i32, usize, Vec<String>)> {
+    let asg = aws_sdk_autoscaling::Client::new(&moto.sdk_config().await);
+    let out = asg.describe_auto_scaling_groups().send().await.unwrap();
+    let mut v: Vec<_> = out
+        .auto_scaling_groups()
+        .iter()
+        .filter(|g| {
+            g.tags()
+                .iter()
+                .any(|t| t.key() == Some("amictl:fleet") && t.value() == Some("web"))
+        })
+        .map(|g| {
+            let mut ids: Vec<String> = g
+                .instances()
+                .iter()
+                .filter_map(|i| i.instance_id().map(str::to_owned))
+                .collect();
+            ids.sort();
+            (
+                g.auto_scaling_group_name().unwrap().to_owned(),
+                g.availability_zones()[0].clone(),
+                g.target_group_arns().to_vec(),
+                g.desired_capacity().unwrap(),
+                g.suspended_processes().len(),
+                ids,
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+fn registered_now(fleet: &[(String, String, String)], id: &str) -> bool {
+    fleet.iter().any(|(i, _, _)| i == id)
+}
+
+async fn launch_templates(moto: &Moto) -> Vec<String> {
+    let ec2 = aws_sdk_ec2::Client::new(&moto.sdk_config().await);
+    let out = ec2.describe_launch_templates().send().await.unwrap();
+    let mut v: Vec<String> = out
+        .launch_templates()
+        .iter()
+        .filter_map(|t| t.launch_template_name().map(str::to_owned))
         .collect();
     v.sort();
     v
@@ -239,4 +301,209 @@ async fn creates_repeats_and_rolls_a_fleet_behind_a_target_group() {
         registered(&moto, &s.tg).await,
         v2.iter().map(|(id, _, _)| id.clone()).collect::<Vec<_>>()
     );
+    // One group per AZ and release, attached, holding the release's instances; nothing
+    // of v1's groups is left, launch templates included.
+    let g2 = groups(&moto).await;
+    assert_eq!(g2.len(), 2, "{g2:?}");
+    for (name, az, tgs, desired, suspended, ids) in &g2 {
+        assert!(name.starts_with(&format!("amictl-web-{az}-r-")), "{name}");
+        assert_eq!(tgs, &vec![s.tg.clone()], "{name}");
+        assert_eq!((*desired, *suspended, ids.len()), (2, 0, 2), "{name}");
+        assert!(ids
+            .iter()
+            .all(|id| v2.iter().any(|(i, a, _)| i == id && a == az)));
+    }
+    let names: Vec<String> = g2.iter().map(|g| g.0.clone()).collect();
+    assert_eq!(launch_templates(&moto).await, names);
+
+    // An instance lost between rollouts is replaced by its group, in its AZ, with no
+    // amictl running.
+    let lost = &v2[0];
+    ec2.terminate_instances()
+        .instance_ids(&lost.0)
+        .send()
+        .await
+        .unwrap();
+    let healed = fleet(&moto).await;
+    assert_eq!(healed.len(), 4, "{healed:?}");
+    assert!(!healed.iter().any(|(id, _, _)| id == &lost.0));
+    assert_eq!(
+        healed.iter().filter(|(_, az, _)| az == &lost.1).count(),
+        2,
+        "{healed:?}"
+    );
+
+    // EC2 Auto Scaling registers a replacement in the group's target groups; moto does not.
+    let elb = aws_sdk_elasticloadbalancingv2::Client::new(&moto.sdk_config().await);
+    for (_, _, _, _, _, ids) in groups(&moto).await {
+        for id in ids.iter().filter(|id| !registered_now(&v2, id)) {
+            elb.register_targets()
+                .target_group_arn(&s.tg)
+                .targets(
+                    aws_sdk_elasticloadbalancingv2::types::TargetDescription::builder()
+                        .id(id)
+                        .build(),
+                )
+                .send()
+                .await
+                .unwrap();
+        }
+    }
+
+    // A rollout whose gate cannot pass in time rolls back to the very same groups and
+    // instances. (moto's Run Command passes every command, and moto cannot serve the
+    // alarms aws-sdk-cloudwatch reads: a gate of 1000 passes in 3 s fails at its deadline.)
+    let before = groups(&moto).await;
+    let (code, _, err) = rollout_with(
+        &moto,
+        state.path(),
+        &s,
+        &s.amis[0],
+        &["--health-passes", "1000", "--timeout", "3"],
+    );
+    assert_eq!(code, 3, "{err}");
+    assert!(
+        err.contains("rolled back") && err.contains("health gate failed"),
+        "{err}"
+    );
+    assert_eq!(
+        groups(&moto).await,
+        before,
+        "the same groups, attached and released"
+    );
+    assert_eq!(fleet(&moto).await, healed);
+    assert_eq!(launch_templates(&moto).await, names);
+
+    // Scaling: new groups start at the old ones' size, within new bounds, with a target
+    // tracking policy on the load balancer's requests per target.
+    let (code, _, err) = rollout_with(
+        &moto,
+        state.path(),
+        &s,
+        &s.amis[1],
+        &[
+            "--timeout",
+            "120",
+            "--health-passes",
+            "1",
+            "--min-per-az",
+            "1",
+            "--max-per-az",
+            "3",
+            "--target-requests-per-instance",
+            "500",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let asg = aws_sdk_autoscaling::Client::new(&moto.sdk_config().await);
+    let described = asg.describe_auto_scaling_groups().send().await.unwrap();
+    let scaled: Vec<_> = described
+        .auto_scaling_groups()
+        .iter()
+        .map(|g| (g.min_size(), g.max_size(), g.desired_capacity()))
+        .collect();
+    assert_eq!(scaled, vec![(Some(1), Some(3), Some(2)); 2], "{err}");
+    let policies = asg.describe_policies().send().await.unwrap();
+    let tracking: Vec<_> = policies
+        .scaling_policies()
+        .iter()
+        .filter_map(|p| p.target_tracking_configuration())
+        .map(|t| {
+            (
+                t.target_value(),
+                t.predefined_metric_specification()
+                    .and_then(|m| m.resource_label())
+                    .is_some_and(|l| {
+                        l.starts_with("app/web-lb/") && l.contains("/targetgroup/web-tg/")
+                    }),
+            )
+        })
+        .collect();
+    // One per group on AWS; moto keys policies by name alone, so it keeps the last one put.
+    assert_eq!(tracking, vec![(Some(500.0), true)], "{policies:?}");
+
+    // A group edited by hand into a shape amictl did not make is refused by name, before
+    // anything changes.
+    let elb = aws_sdk_elasticloadbalancingv2::Client::new(&moto.sdk_config().await);
+    let vpc = ec2
+        .describe_subnets()
+        .subnet_ids(s.subnets.split(',').next().unwrap())
+        .send()
+        .await
+        .unwrap()
+        .subnets()[0]
+        .vpc_id()
+        .unwrap()
+        .to_owned();
+    let other = elb
+        .create_target_group()
+        .name("other-tg")
+        .protocol(aws_sdk_elasticloadbalancingv2::types::ProtocolEnum::Http)
+        .port(8080)
+        .vpc_id(vpc)
+        .send()
+        .await
+        .unwrap()
+        .target_groups()[0]
+        .target_group_arn()
+        .unwrap()
+        .to_owned();
+    let edited = groups(&moto).await[0].0.clone();
+    asg.attach_load_balancer_target_groups()
+        .auto_scaling_group_name(&edited)
+        .target_group_arns(&other)
+        .send()
+        .await
+        .unwrap();
+    let before = groups(&moto).await;
+    let (code, _, err) = rollout(&moto, state.path(), &s, &s.amis[0]);
+    assert_ne!(code, 0, "{err}");
+    assert!(
+        err.contains(&edited) && err.contains(&other) && err.contains("nothing was changed"),
+        "{err}"
+    );
+    assert_eq!(groups(&moto).await, before);
+
+    // Destroy deletes the groups first (else they would replace what it terminates).
+    let out = moto
+        .amictl()
+        .env("XDG_STATE_HOME", state.path())
+        .args(["destroy", "--fleet", "web", "--yes"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("2 Auto Scaling groups deleted"), "{err}");
+    assert!(launch_templates(&moto).await.is_empty());
+    assert!(groups(&moto).await.is_empty());
+    assert!(fleet(&moto).await.is_empty());
+}
+
+#[test]
+fn a_request_target_without_a_target_group_is_refused_before_anything() {
+    // No AWS at all: the refusal comes before the first request.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_amictl"))
+        .env("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+        .args([
+            "rollout",
+            "--fleet",
+            "web",
+            "--ami",
+            "ami-1",
+            "--subnets",
+            "subnet-a,subnet-b",
+            "--security-groups",
+            "sg-1",
+            "--max-per-az",
+            "3",
+            "--target-requests-per-instance",
+            "500",
+            "--config",
+            "/nonexistent/amictl.toml",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("needs a target group"), "{err}");
 }

@@ -11,10 +11,10 @@ use amictl::rollout::engine::{Effects, Engine, Outcome, Settings};
 use amictl::rollout::journal::{resolve, Resolution};
 use amictl::rollout::plan::Desired;
 
-const AZS: [&str; 2] = ["az-a", "az-b"];
-const PER_AZ: usize = 2;
+pub(crate) const AZS: [&str; 2] = ["az-a", "az-b"];
+pub(crate) const PER_AZ: usize = 2;
 
-fn settings(image: &str, surge: usize, parallel: bool) -> Settings {
+pub(crate) fn settings(image: &str, surge: usize, parallel: bool) -> Settings {
     Settings {
         fleet: "web".into(),
         desired: Desired {
@@ -43,6 +43,7 @@ fn settings(image: &str, surge: usize, parallel: bool) -> Settings {
         bake: Duration::from_secs(60),
         alarms: vec!["web-5xx".into()],
         poll: Duration::from_secs(5),
+        scaling: None,
     }
 }
 
@@ -57,6 +58,7 @@ fn engine<'a>(
         run: cloud,
         lb: Some(cloud),
         alarms: cloud,
+        groups: amictl::rollout::engine::NO_GROUPS,
     };
     Engine::new(fx, s, rollout)
 }
@@ -93,6 +95,16 @@ fn assert_whole(cloud: &SimCloud, image: &str, ctx: &str) {
             "{ctx}: retiring left in {az}"
         );
     }
+    assert_serving_all(cloud, &live, &targets, ctx);
+}
+
+/// Every live instance, and nothing else, registered and healthy; capacity never dipped.
+pub(crate) fn assert_serving_all(
+    cloud: &SimCloud,
+    live: &[Instance],
+    targets: &BTreeMap<String, TargetState>,
+    ctx: &str,
+) {
     let ids: Vec<&String> = live.iter().map(|i| &i.id).collect();
     assert_eq!(
         targets.keys().collect::<Vec<_>>(),
@@ -149,9 +161,9 @@ async fn a_clean_rollout_replaces_everything_and_a_repeat_is_a_noop() {
     assert_eq!(cloud.launches(), launches);
 }
 
-#[tokio::test(start_paused = true)]
-async fn each_fault_rolls_back_to_exactly_the_old_fleet() {
-    let faults = [
+/// What can go wrong during a rollout to `ami-v2`, each of which must roll it back.
+pub(crate) fn faults() -> Vec<(&'static str, Faults)> {
+    vec![
         (
             "never healthy",
             Faults {
@@ -187,7 +199,12 @@ async fn each_fault_rolls_back_to_exactly_the_old_fleet() {
                 ..Faults::default()
             },
         ),
-    ];
+    ]
+}
+
+#[tokio::test(start_paused = true)]
+async fn each_fault_rolls_back_to_exactly_the_old_fleet() {
+    let faults = faults();
     for (what, f) in faults {
         let cloud = v1_fleet(2).await;
         let before: Vec<String> = cloud.snapshot().0.into_iter().map(|i| i.id).collect();
@@ -261,7 +278,7 @@ async fn crash_anywhere_then_resume_or_abort() {
             if rng.usize(0..3) == 0 {
                 // The journal was lost too (a fresh CI runner): the tags alone decide.
                 let (live, _) = cloud.snapshot();
-                let id = match resolve(None, &live, "ami-v2") {
+                let id = match resolve(None, &live, &[], "ami-v2") {
                     Resolution::Resume(id) => id,
                     Resolution::New => "r-v2-again".into(),
                     other => panic!("{ctx}: {other:?}"),

@@ -62,6 +62,17 @@ async fn fleet(ec2: &aws_sdk_ec2::Client) -> Vec<(String, String, Vec<String>, S
     v
 }
 
+/// One of the fleet's launch templates (one per Auto Scaling group).
+async fn launch_template_of(ec2: &aws_sdk_ec2::Client) -> String {
+    let out = ec2.describe_launch_templates().send().await.unwrap();
+    out.launch_templates()
+        .iter()
+        .filter_map(|t| t.launch_template_name())
+        .find(|n| n.contains("-web-"))
+        .expect("a launch template of fleet web")
+        .to_owned()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn deploys_rolls_out_into_and_deletes_a_stack() {
     let Some(moto) = Moto::start() else { return };
@@ -255,11 +266,30 @@ async fn deploys_rolls_out_into_and_deletes_a_stack() {
     let instances = fleet(&ec2).await;
     assert_eq!(instances.len(), 2, "{instances:?}");
     let sg = o["instance_security_group"].as_str().unwrap().to_owned();
-    for (_, subnet, groups, profile) in &instances {
+    for (_, subnet, groups, _) in &instances {
         assert!(subnets.contains(&subnet.as_str()), "{instances:?}");
         assert_eq!(groups, &vec![sg.clone()], "{instances:?}");
-        assert!(profile.ends_with("/t1-instance"), "{instances:?}");
     }
+    // The instance profile is the launch templates' (moto does not carry a template's
+    // profile on to the instances launched from it; EC2 does).
+    let templates = ec2
+        .describe_launch_template_versions()
+        .versions("$Latest")
+        .launch_template_name(launch_template_of(&ec2).await)
+        .send()
+        .await
+        .unwrap();
+    let profiles: Vec<&str> = templates
+        .launch_template_versions()
+        .iter()
+        .filter_map(|v| v.launch_template_data())
+        .filter_map(|d| d.iam_instance_profile())
+        .filter_map(|p| p.name().or(p.arn()))
+        .collect();
+    assert!(
+        !profiles.is_empty() && profiles.iter().all(|p| p.ends_with("t1-instance")),
+        "{profiles:?}"
+    );
     let elb = aws_sdk_elasticloadbalancingv2::Client::new(&config);
     let health = elb
         .describe_target_health()

@@ -104,4 +104,33 @@ async fn up_goes_from_nothing_to_a_url_and_again_changes_nothing() {
     assert!(err.contains("is up to date"), "{err}");
     assert!(err.contains("already has this image"), "{err}");
     assert!(err.contains("nothing to do"), "{err}");
+
+    // A fleet another amictl is changing: `up` refuses before it touches the stack or the
+    // image, and names the holder.
+    let bucket = stack_outputs(&cf, NAME).await["ImportBucket"].clone();
+    let store = amictl::lock::s3::S3Store::new(&config, &bucket, NAME);
+    let lease = amictl::lock::acquire(
+        std::sync::Arc::new(store),
+        NAME,
+        amictl::lock::Holder::here(
+            "rollout of fleet amictl-up to ami-other",
+            std::time::Duration::from_secs(300),
+        ),
+        amictl::lock::Takeover::Never,
+    )
+    .await
+    .unwrap();
+    let out = up(&moto, st, &result);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("is locked by rollout of fleet amictl-up to ami-other")
+            && err.contains("nothing was changed"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("== image") && !err.contains("is up to date"),
+        "{err}"
+    );
+    lease.release().await.unwrap();
 }

@@ -15,6 +15,7 @@ fn instance(id: &str) -> Instance {
         rollout: Some("r1".into()),
         retiring: None,
         address: None,
+        group: None,
     }
 }
 
