@@ -1,8 +1,11 @@
-//! The upload engine: a reader thread walks the image block by block and hands every block
-//! to upload workers (see `plan` for why zero blocks go too); the workers hash each block
-//! (spreading the hashing over every core) and put it. Holes are never read nor hashed:
-//! they go as one shared zero buffer with its precomputed checksum. The store is a trait,
-//! so the engine is tested against an in-memory fake and runs against EBS direct APIs.
+//! The upload engine: a reader thread walks the image block by block, hashes each block
+//! right after reading it and hands it to upload workers that put it (see `plan` for why
+//! zero blocks go too). The hash is taken while the block is still in the CPU's cache: a
+//! worker would take it up to a queue's depth later, from memory, and SHA-256 over cold
+//! 512 KiB blocks measured 0.90 s/GiB against 0.54 s/GiB hot. One thread hashes at about
+//! 2 GB/s, well above what the EBS direct APIs take. Holes are never read nor hashed: they
+//! go as one shared zero buffer with its precomputed checksum. The store is a trait, so
+//! the engine is tested against an in-memory fake and runs against EBS direct APIs.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -140,7 +143,7 @@ struct Job {
     data: Bytes,
     /// Logical bytes of the image in this block (for progress).
     len: u64,
-    zero: bool,
+    digest: BlockDigest,
 }
 
 /// Uploads `image` into a new snapshot. The snapshot's id is written to `started` as soon
@@ -311,11 +314,7 @@ async fn worker<S: SnapshotStore>(
             _ = stop.cancelled() => return Ok(done),
         };
         let Some(job) = job else { return Ok(done) };
-        let digest = if job.zero {
-            zero_block_digest()
-        } else {
-            block_digest(&job.data)
-        };
+        let digest = job.digest;
         let index = i32::try_from(job.index).expect("EBS volumes have fewer than 2^31 blocks");
         let put = put_with_grace(
             &*store,
@@ -493,7 +492,7 @@ fn read_blocks(
                 index,
                 data: zeros.clone(),
                 len,
-                zero: true,
+                digest: zero_block_digest(),
             }),
             Planned::Read { len, .. } => {
                 let mut block = pool.take();
@@ -510,11 +509,18 @@ fn read_blocks(
                     })?;
                 bytes_read += len;
                 let zero = is_zero(&buf[..len as usize]);
-                must_upload(zero, omit_zero_blocks).then(|| Job {
+                let upload = must_upload(zero, omit_zero_blocks);
+                // Now, while the block is in the cache (see the module's comment).
+                let digest = match (upload, zero) {
+                    (false, _) => None,
+                    (true, true) => Some(zero_block_digest()),
+                    (true, false) => Some(block_digest(buf)),
+                };
+                digest.map(|digest| Job {
                     index,
+                    digest,
                     data: block.freeze(),
                     len,
-                    zero,
                 })
             }
         };
