@@ -381,26 +381,36 @@ async fn uploads_every_block_by_default_and_rides_out_not_found() {
 async fn a_volume_from_the_snapshot_reads_back_the_image_encrypted_or_not() {
     let dir = tempfile::tempdir().unwrap();
     let img = image(dir.path());
-    let fake = Fake::default();
-    let Outcome::Created { uploaded, .. } = run_plain(&fake, &img).await.unwrap() else {
-        panic!()
-    };
     let bytes = std::fs::read(&img.path).unwrap();
-    let c = fake.cloud.lock().unwrap();
-    let snap = &c.snapshots[&uploaded.snapshot_id];
-    for (encrypted, key) in [(true, 7), (true, 8), (false, 0)] {
-        let volume = snap.read_volume(img.size, encrypted, key);
-        let first_bad = volume.iter().zip(&bytes).position(|(a, b)| a != b);
-        assert_eq!(
-            first_bad,
-            None,
-            "an {} volume differs from the image at byte {first_bad:?}",
-            if encrypted {
-                "encrypted"
-            } else {
-                "unencrypted"
-            }
-        );
+    // One reader thread, and blocks striped over three (13 blocks: uneven shares).
+    for readers in [1, 3] {
+        let fake = Fake::default();
+        let upload = UploadOptions {
+            readers,
+            ..upload_options(false)
+        };
+        let outcome = run(&fake, &img, upload, options(), &CancellationToken::new()).await;
+        let Outcome::Created { uploaded, .. } = outcome.unwrap() else {
+            panic!()
+        };
+        assert_eq!(uploaded.digest, digest_file(&img.path).unwrap());
+        assert_eq!(uploaded.bytes_read, 4 * BLOCK + 7, "{readers} readers");
+        let c = fake.cloud.lock().unwrap();
+        let snap = &c.snapshots[&uploaded.snapshot_id];
+        for (encrypted, key) in [(true, 7), (true, 8), (false, 0)] {
+            let volume = snap.read_volume(img.size, encrypted, key);
+            let first_bad = volume.iter().zip(&bytes).position(|(a, b)| a != b);
+            assert_eq!(
+                first_bad,
+                None,
+                "{readers} readers: an {} volume differs from the image at byte {first_bad:?}",
+                if encrypted {
+                    "encrypted"
+                } else {
+                    "unencrypted"
+                }
+            );
+        }
     }
 }
 
@@ -528,7 +538,7 @@ async fn an_image_that_changes_while_it_is_uploaded_fails_and_leaves_nothing() {
             f.write_all_at(b"late", 10).unwrap();
         }),
     ];
-    for (what, meddle) in cases {
+    for ((what, meddle), readers) in cases.into_iter().flat_map(|c| [(c, 1), (c, 3)]) {
         let dir = tempfile::tempdir().unwrap();
         let img = image(dir.path());
         let path = img.path.clone();
@@ -536,11 +546,17 @@ async fn an_image_that_changes_while_it_is_uploaded_fails_and_leaves_nothing() {
             meddle_at_put: Some((1, Arc::new(move || meddle(&path)))),
             ..Default::default()
         });
-        let err = run_plain(&fake, &img).await.unwrap_err();
+        let upload = UploadOptions {
+            readers,
+            ..upload_options(false)
+        };
+        let err = run(&fake, &img, upload, options(), &CancellationToken::new())
+            .await
+            .unwrap_err();
         let text = err.to_string();
         assert!(
             text.contains("changed while it was uploaded") && text.contains("deleted snapshot"),
-            "{what}: {text}"
+            "{what}, {readers} readers: {text}"
         );
         assert_nothing_left(&fake).await;
     }
