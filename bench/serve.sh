@@ -164,10 +164,15 @@ size_of() { wc -c <"$1" | tr -d ' '; }
 
 # ---------------------------------------------------------------- ports
 port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+# Below the ephemeral range, as in hostile.sh: a client connection (wrk's, or one left from
+# an earlier run) can hold an ephemeral port that a listener would want, and connecting to
+# it does not show that.
+EPHEMERAL_LOW=$(awk '{ print $1 }' /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
+((EPHEMERAL_LOW > 12000)) || die "the ephemeral port range starts at $EPHEMERAL_LOW: no room for the servers below it"
 pick_port() {
     local p i
     for ((i = 0; i < 50; i++)); do
-        p=$((20000 + RANDOM % 30000))
+        p=$((10000 + RANDOM % (EPHEMERAL_LOW - 10000)))
         [[ $p == "${1:-}" ]] && continue
         port_in_use "$p" || { echo "$p"; return 0; }
     done
@@ -485,10 +490,12 @@ fi
 
 a=${MED[agent$small]}
 n=${MED[nginx$small]}
+# The goal is 1.2x nginx (issue #13). Near it, wrk's own core saturates too (see `wrk cpu`):
+# then both this ratio and the one per CPU-second above are floors of what the agent can do.
 awk -v a="$a" -v n="$n" 'BEGIN {
     r = (n > 0) ? a / n : 0
-    printf "throughput small files: agent %.0f req/s vs nginx %.0f req/s (ratio %.2f) — goal >= 1.0: %s\n",
-        a, n, r, (r >= 1.0) ? "met" : "not met"
+    printf "throughput small files: agent %.0f req/s vs nginx %.0f req/s (ratio %.2f) — goal >= 1.2: %s\n",
+        a, n, r, (r >= 1.2) ? "met" : "not met"
 }'
 # Large files: on loopback wrk usually saturates its own CPU first (see `wrk cpu`), so the
 # req/s ratio says whether the agent keeps up; req/cpu-s says what each response costs.

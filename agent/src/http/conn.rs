@@ -30,8 +30,8 @@ use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
+use futures_util::task::AtomicWaker;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::Notify;
 use tokio::time::{Instant, Sleep};
 
 use super::first_line::{FirstLine, LineVersion};
@@ -67,22 +67,38 @@ const IDLE: u8 = 1;
 const HEAD: u8 = 2;
 const BUSY: u8 = 3;
 
+/// `Shared::since_ms` before the phase's start has been taken.
+const UNSTAMPED: u64 = u64::MAX;
+
 /// What the server and the stream both know about one connection.
 #[derive(Debug)]
 pub struct Shared {
     epoch: Instant,
     phase: AtomicU8,
-    /// Milliseconds since `epoch` when the phase began.
+    /// Milliseconds since `epoch` when the phase began, or `UNSTAMPED` until a limit or
+    /// the registry first asks. Taking the time lazily saves clock reads per request: a
+    /// request whose head arrives whole never needs one. A write in the idle phase clears
+    /// it again, so the keep-alive limit counts from the last byte written.
     since_ms: AtomicU64,
-    /// Milliseconds since `epoch` of the last byte written.
-    wrote_ms: AtomicU64,
     /// A write is waiting for the client to take bytes: the response is not delivered,
     /// whatever the phase says (hyper lets go of a body before it is all sent).
     write_blocked: AtomicBool,
     /// What the connection's first request line asked for (a `LineVersion`).
     line_version: AtomicU8,
-    /// Set by the registry to ask an idle connection to close.
-    pub evict: Notify,
+    /// Set to ask the connection to close (a `Close`, 0 for none); the connection's task
+    /// is woken through `close_waker`. A flag and a waker, not a `Notify`: the connection
+    /// polls this on every wake-up, and a `Notify` takes a lock each time it is polled.
+    close: AtomicU8,
+    close_waker: AtomicWaker,
+}
+
+/// Why a connection is asked to close, in rising order of force.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Close {
+    /// Resources ran out: close if idle, else after the request in progress.
+    Evict = 1,
+    /// The server is shutting down: finish the request in progress, then close.
+    Drain = 2,
 }
 
 impl Shared {
@@ -92,21 +108,74 @@ impl Shared {
             epoch,
             phase: AtomicU8::new(IDLE_NEW),
             since_ms: AtomicU64::new(now),
-            wrote_ms: AtomicU64::new(now),
             write_blocked: AtomicBool::new(false),
             line_version: AtomicU8::new(LineVersion::Http1 as u8),
-            evict: Notify::new(),
+            close: AtomicU8::new(0),
+            close_waker: AtomicWaker::new(),
         }
     }
 
     fn set(&self, phase: u8) {
-        self.since_ms.store(ms_since(self.epoch), Ordering::Relaxed);
+        self.since_ms.store(UNSTAMPED, Ordering::Relaxed);
         self.phase.store(phase, Ordering::Release);
+    }
+
+    /// When the current phase began: the first time anyone asks after it began.
+    fn stamp(&self) -> u64 {
+        let since = self.since_ms.load(Ordering::Relaxed);
+        if since != UNSTAMPED {
+            return since;
+        }
+        let now = ms_since(self.epoch);
+        match self
+            .since_ms
+            .compare_exchange(UNSTAMPED, now, Ordering::Relaxed, Ordering::Relaxed)
+        {
+            Ok(_) => now,
+            Err(earlier) => earlier,
+        }
+    }
+
+    /// Bytes went out: an idle phase (the response's body was handed over, its bytes
+    /// still going) counts again from now.
+    fn wrote(&self) {
+        if self.phase.load(Ordering::Relaxed) == IDLE {
+            self.since_ms.store(UNSTAMPED, Ordering::Relaxed);
+        }
+    }
+
+    /// Asks the connection to close; a drain is never downgraded to an eviction.
+    pub fn ask_to_close(&self, why: Close) {
+        self.close.fetch_max(why as u8, Ordering::AcqRel);
+        self.close_waker.wake();
+    }
+
+    /// Whether the connection has been asked to close, and why.
+    pub fn asked_to_close(&self) -> Option<Close> {
+        match self.close.load(Ordering::Acquire) {
+            0 => None,
+            1 => Some(Close::Evict),
+            _ => Some(Close::Drain),
+        }
+    }
+
+    /// Ready once the connection is asked to close.
+    pub fn poll_close(&self, cx: &mut Context<'_>) -> Poll<Close> {
+        if let Some(why) = self.asked_to_close() {
+            return Poll::Ready(why);
+        }
+        self.close_waker.register(cx.waker());
+        match self.asked_to_close() {
+            Some(why) => Poll::Ready(why),
+            None => Poll::Pending,
+        }
     }
 
     /// A request head was parsed: no read limit until its response is done.
     pub fn request_started(&self) {
-        self.set(BUSY);
+        // No time: nothing is measured from the start of a request (a clock read saved
+        // per request).
+        self.phase.store(BUSY, Ordering::Release);
     }
 
     /// The response's body was handed to hyper in full: waiting for the next request.
@@ -132,10 +201,7 @@ impl Shared {
         }
         match self.phase.load(Ordering::Acquire) {
             IDLE_NEW | IDLE => {
-                let since = self
-                    .since_ms
-                    .load(Ordering::Relaxed)
-                    .max(self.wrote_ms.load(Ordering::Relaxed));
+                let since = self.stamp();
                 Some(Duration::from_millis(
                     ms_since(self.epoch).saturating_sub(since),
                 ))
@@ -152,21 +218,8 @@ impl Shared {
         }
         let since = |ms: u64| self.epoch + Duration::from_millis(ms);
         match self.phase.load(Ordering::Acquire) {
-            IDLE_NEW => Some((
-                since(self.since_ms.load(Ordering::Relaxed)) + limits.header,
-                Expired::Header,
-            )),
-            IDLE => {
-                let from = self
-                    .since_ms
-                    .load(Ordering::Relaxed)
-                    .max(self.wrote_ms.load(Ordering::Relaxed));
-                Some((since(from) + limits.keep_alive, Expired::KeepAlive))
-            }
-            HEAD => Some((
-                since(self.since_ms.load(Ordering::Relaxed)) + limits.header,
-                Expired::Header,
-            )),
+            IDLE_NEW | HEAD => Some((since(self.stamp()) + limits.header, Expired::Header)),
+            IDLE => Some((since(self.stamp()) + limits.keep_alive, Expired::KeepAlive)),
             _ => None,
         }
     }
@@ -247,9 +300,16 @@ impl Registry {
             idle.select_nth_unstable_by(n - 1, |a, b| b.0.cmp(&a.0));
         }
         for (_, shared) in &idle[..n] {
-            shared.evict.notify_one();
+            shared.ask_to_close(Close::Evict);
         }
         n
+    }
+
+    /// Asks every open connection to finish its request in progress and close.
+    pub fn drain_all(&self) {
+        for shared in self.lock().values() {
+            shared.ask_to_close(Close::Drain);
+        }
     }
 }
 
@@ -294,23 +354,44 @@ impl<S> Guarded<S> {
     }
 }
 
-/// Polls a timer armed for `deadline`, re-arming it when the deadline moved.
+/// Polls the read timer for `deadline`. Each request on a kept-alive connection pushes the
+/// deadline later; moving a timer in tokio's wheel on every request costs more than letting
+/// it fire once and moving it then. So a timer is only ever moved earlier at once; one armed
+/// for an earlier time fires, finds the deadline still ahead, and is moved to it.
 fn timer_fired(
     timer: &mut Option<(Pin<Box<Sleep>>, Instant)>,
     deadline: Instant,
     cx: &mut Context<'_>,
 ) -> bool {
-    match timer {
-        Some((sleep, at)) => {
-            if *at != deadline {
-                sleep.as_mut().reset(deadline);
-                *at = deadline;
-            }
-        }
-        None => *timer = Some((Box::pin(tokio::time::sleep_until(deadline)), deadline)),
+    let mut armed = timer.is_none();
+    let (sleep, at) =
+        timer.get_or_insert_with(|| (Box::pin(tokio::time::sleep_until(deadline)), deadline));
+    if deadline < *at {
+        sleep.as_mut().reset(deadline);
+        *at = deadline;
+        armed = true;
     }
-    let (sleep, _) = timer.as_mut().expect("armed above");
-    sleep.as_mut().poll(cx).is_ready()
+    // A timer polled once since it was armed wakes the task when it fires: until then
+    // there is nothing to poll (the task's waker does not change).
+    if !armed && !sleep.is_elapsed() {
+        return false;
+    }
+    if poll_timer(sleep, cx).is_pending() {
+        return false;
+    }
+    if *at >= deadline || Instant::now() >= deadline {
+        return true;
+    }
+    sleep.as_mut().reset(deadline);
+    *at = deadline;
+    poll_timer(sleep, cx).is_ready()
+}
+
+/// Polls a timer outside tokio's cooperative budget: a budget-exhausted poll would return
+/// Pending without registering the waker, and `timer_fired` polls a timer only once.
+fn poll_timer(sleep: &mut Pin<Box<Sleep>>, cx: &mut Context<'_>) -> Poll<()> {
+    let mut unconstrained = tokio::task::unconstrained(sleep.as_mut());
+    Pin::new(&mut unconstrained).poll(cx)
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
@@ -335,16 +416,37 @@ impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
         }
         match polled {
             Poll::Ready(result) => Poll::Ready(result),
-            Poll::Pending => {
-                match this.shared.read_deadline(&this.limits) {
-                    Some((deadline, why)) => {
-                        if timer_fired(&mut this.read_timer, deadline, cx) {
-                            return Poll::Ready(Err(this.expire(why)));
-                        }
+            Poll::Pending => match this.poll_read_timer(cx) {
+                Some(why) => Poll::Ready(Err(this.expire(why))),
+                None => Poll::Pending,
+            },
+        }
+    }
+}
+
+impl<S> Guarded<S> {
+    /// Keeps the read timer armed and registered with the task, and says which limit
+    /// passed, if one did. hyper polls the read side while it is still answering, gets
+    /// Pending, and then waits for the socket to become readable: it does not read again
+    /// when the response ends. So while no read limit applies (a response in progress),
+    /// the timer stays armed no later than the keep-alive limit could end, and the write
+    /// side arms it again once the response is out (`poll_flush`); when it fires, the
+    /// task is woken, hyper reads, and the real deadline is looked at.
+    fn poll_read_timer(&mut self, cx: &mut Context<'_>) -> Option<Expired> {
+        match self.shared.read_deadline(&self.limits) {
+            Some((deadline, why)) => timer_fired(&mut self.read_timer, deadline, cx).then_some(why),
+            None => {
+                match &mut self.read_timer {
+                    // Armed and registered for a limit that began before the response
+                    // did (one that ends later is moved by `poll_flush`).
+                    Some((sleep, _)) if !sleep.is_elapsed() => {}
+                    timer => {
+                        // In the future, so it cannot pass now: this only arms the timer.
+                        let look_again = Instant::now() + self.limits.keep_alive;
+                        timer_fired(timer, look_again, cx);
                     }
-                    None => this.read_timer = None,
                 }
-                Poll::Pending
+                None
             }
         }
     }
@@ -363,9 +465,7 @@ impl<S: AsyncWrite + Unpin> Guarded<S> {
             Poll::Ready(Ok(v)) => {
                 if progressed(&v) {
                     self.write_timer = None;
-                    self.shared
-                        .wrote_ms
-                        .store(ms_since(self.shared.epoch), Ordering::Relaxed);
+                    self.shared.wrote();
                     self.shared.write_blocked.store(false, Ordering::Release);
                 }
                 Poll::Ready(Ok(v))
@@ -406,7 +506,12 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.guard_write(cx, |s, cx| s.poll_flush(cx), |_| false)
+        let flushed = self.guard_write(cx, |s, cx| s.poll_flush(cx), |_| false);
+        if flushed.is_ready() && self.poll_read_timer(cx).is_some() {
+            // A limit passed: the read side reports it.
+            cx.waker().wake_by_ref();
+        }
+        flushed
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -475,16 +580,26 @@ mod tests {
         assert_eq!(reg.shared.line_version(), LineVersion::OtherMajor);
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn keep_alive_limit_counts_from_the_end_of_the_response() {
+    /// A connection whose request has been read and is being answered.
+    async fn request_read() -> (
+        Registration,
+        tokio::io::DuplexStream,
+        Guarded<tokio::io::DuplexStream>,
+    ) {
         let registry = Arc::new(Registry::default());
         let reg = registry.register();
         let (mut client, server) = tokio::io::duplex(1024);
         let mut g = Guarded::new(server, reg.shared.clone(), LIMITS);
         client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
-        let mut buf = [0u8; 64];
-        assert!(g.read(&mut buf).await.unwrap() > 0);
+        assert!(g.read(&mut [0u8; 64]).await.unwrap() > 0);
         reg.shared.request_started();
+        (reg, client, g)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn keep_alive_limit_counts_from_the_end_of_the_response() {
+        let (reg, _client, mut g) = request_read().await;
+        let mut buf = [0u8; 64];
         // A request in progress has no read limit: the service may take its time.
         let busy = tokio::time::timeout(Duration::from_secs(300), g.read(&mut buf)).await;
         assert!(busy.is_err(), "no read limit while busy");
@@ -494,6 +609,58 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
         assert_eq!(started.elapsed(), LIMITS.keep_alive);
         assert_eq!(*g.expired().lock().unwrap(), Some(Expired::KeepAlive));
+    }
+
+    /// hyper's order of calls: it polls the read side while the response is being made
+    /// (Pending), writes and flushes the response, and polls the read side again only
+    /// when the task is woken. The keep-alive limit must still close the connection.
+    #[tokio::test(start_paused = true)]
+    async fn keep_alive_limit_holds_when_the_last_read_was_polled_mid_response() {
+        let (reg, _client, mut g) = request_read().await;
+        let mut buf = [0u8; 64];
+        let mut answered = false;
+        let mut started = None;
+        let outcome = std::future::poll_fn(|cx| {
+            let mut rb = ReadBuf::new(&mut buf);
+            if let Poll::Ready(r) = Pin::new(&mut g).poll_read(cx, &mut rb) {
+                return Poll::Ready(r);
+            }
+            if !answered {
+                answered = true;
+                reg.shared.response_done();
+                let head = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+                assert!(Pin::new(&mut g).poll_write(cx, head).is_ready());
+                assert!(Pin::new(&mut g).poll_flush(cx).is_ready());
+                started = Some(Instant::now());
+            }
+            Poll::Pending
+        });
+        let err = tokio::time::timeout(Duration::from_secs(300), outcome)
+            .await
+            .expect("the idle connection was never closed")
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(started.unwrap().elapsed(), LIMITS.keep_alive);
+        assert_eq!(*g.expired().lock().unwrap(), Some(Expired::KeepAlive));
+    }
+
+    /// A body hyper has let go of may still be going out: the keep-alive limit counts
+    /// from the last byte written, not from when the phase turned idle.
+    #[tokio::test(start_paused = true)]
+    async fn keep_alive_counts_from_the_last_byte_written() {
+        let registry = Arc::new(Registry::default());
+        let reg = registry.register();
+        let (_client, server) = tokio::io::duplex(1 << 20);
+        let mut g = Guarded::new(server, reg.shared.clone(), LIMITS);
+        reg.shared.request_started();
+        reg.shared.response_done();
+        let (first, _) = reg.shared.read_deadline(&LIMITS).unwrap();
+        tokio::time::advance(Duration::from_secs(50)).await;
+        g.write_all(b"the rest of the body").await.unwrap();
+        let (later, why) = reg.shared.read_deadline(&LIMITS).unwrap();
+        assert_eq!(why, Expired::KeepAlive);
+        assert_eq!(later - first, Duration::from_secs(50));
+        assert_eq!(later, Instant::now() + LIMITS.keep_alive);
     }
 
     #[tokio::test(start_paused = true)]
@@ -535,22 +702,23 @@ mod tests {
         assert_eq!(registry.len(), 3);
 
         assert_eq!(registry.evict_idle(1), 1);
-        // The longest-idle one was asked; the notification waits for it.
-        tokio::time::timeout(Duration::from_millis(1), old.shared.evict.notified())
-            .await
-            .expect("the oldest idle connection is evicted first");
-        assert!(
-            tokio::time::timeout(Duration::from_millis(1), newer.shared.evict.notified())
-                .await
-                .is_err()
-        );
+        // The longest-idle one was asked, and a poll sees it at once.
+        let poll =
+            |shared: &Shared| shared.poll_close(&mut Context::from_waker(std::task::Waker::noop()));
+        assert_eq!(poll(&old.shared), Poll::Ready(Close::Evict));
+        assert_eq!(newer.shared.asked_to_close(), None);
+        assert_eq!(poll(&newer.shared), Poll::Pending);
         // A busy connection is never chosen, however many are asked for.
         assert_eq!(registry.evict_idle(10), 2);
-        assert!(
-            tokio::time::timeout(Duration::from_millis(1), busy.shared.evict.notified())
-                .await
-                .is_err()
-        );
+        assert_eq!(newer.shared.asked_to_close(), Some(Close::Evict));
+        assert_eq!(busy.shared.asked_to_close(), None);
+        // Draining reaches every connection and outranks an eviction.
+        registry.drain_all();
+        for r in [&old, &newer, &busy] {
+            assert_eq!(poll(&r.shared), Poll::Ready(Close::Drain));
+        }
+        registry.evict_idle(10);
+        assert_eq!(old.shared.asked_to_close(), Some(Close::Drain));
         drop(old);
         assert_eq!(registry.len(), 2);
     }

@@ -104,9 +104,10 @@ impl Server {
         };
         let mut http = http1::Builder::new();
         http.timer(TokioTimer::new())
-            // `conn::Guarded` enforces the header and keep-alive limits separately; hyper's
-            // timer, which runs from the end of the previous response, is only a backstop.
-            .header_read_timeout(config.header_read_timeout + config.keep_alive_timeout)
+            // `conn::Guarded` enforces the header and keep-alive limits. hyper's own timer
+            // runs from the end of the previous response, so it could only be a looser
+            // copy of them, and it costs a timer armed and cancelled per request.
+            .header_read_timeout(None)
             .max_header_size(config.max_header_bytes)
             // The read buffer holds a head plus pipelined requests; hyper's minimum is 8 KiB.
             .max_buf_size((config.max_header_bytes * 2).max(8192))
@@ -144,6 +145,7 @@ impl Server {
     /// returns whether every connection closed in time.
     pub async fn shutdown(&self, grace: Duration) -> bool {
         self.inner.draining.cancel();
+        self.inner.registry.drain_all();
         self.inner.connections.close();
         let drained = tokio::time::timeout(grace, self.inner.connections.wait())
             .await
@@ -337,6 +339,11 @@ async fn serve_connection(inner: Arc<Inner>, stream: TcpStream, peer: SocketAddr
     let _ = stream.set_nodelay(true);
     let registration = inner.registry.register();
     let shared = registration.shared.clone();
+    // Registered before this check, and `shutdown` drains the registry after cancelling:
+    // one of the two sees the other.
+    if inner.draining.is_cancelled() {
+        shared.ask_to_close(conn::Close::Drain);
+    }
     let stream = sendfile::Socket::new(stream, inner.state.site.sealed().cloned());
     let stream = conn::Guarded::new(stream, shared.clone(), inner.limits);
     let expired = stream.expired();
@@ -355,22 +362,17 @@ async fn serve_connection(inner: Arc<Inner>, stream: TcpStream, peer: SocketAddr
     tokio::pin!(conn);
     let result = tokio::select! {
         result = conn.as_mut() => result,
-        _ = inner.draining.cancelled() => {
-            // Finish the request in flight, if any, then close.
-            conn.as_mut().graceful_shutdown();
-            conn.await
-        }
-        _ = shared.evict.notified() => {
+        why = std::future::poll_fn(|cx| shared.poll_close(cx)) => match why {
             // Resources ran out and this connection was idle: close it. One that never
             // sent a byte is simply dropped (hyper's graceful shutdown would wait for its
             // first request); a request that arrived meanwhile is answered first.
-            if shared.is_idle() {
-                Ok(())
-            } else {
+            conn::Close::Evict if shared.is_idle() => Ok(()),
+            // Finish the request in flight, if any, then close.
+            conn::Close::Evict | conn::Close::Drain => {
                 conn.as_mut().graceful_shutdown();
                 conn.await
             }
-        }
+        },
     };
     let expired = *expired.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(why) = expired {
