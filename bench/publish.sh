@@ -6,7 +6,12 @@
 # Both tools' defaults put every block in the snapshot, zero blocks included (safe for
 # encrypted volumes); --omit adds both tools' opt-in sparse uploads (--omit-zero-blocks).
 #
-# Usage: bench/publish.sh [--rounds N] [--no-build] [--no-pin] [--omit]
+# AWS's endpoints keep HTTP/1.1 connections open between requests and the SDK's client
+# pools them; moto's server closes every connection after its response. So by default moto
+# sits behind nginx, which keeps the uploaders' connections open as AWS does; --close talks
+# to moto directly (a TCP connect per block, in both tools).
+#
+# Usage: bench/publish.sh [--rounds N] [--no-build] [--no-pin] [--omit] [--close]
 #   env: ROUNDS (default 3), BENCH_MIB (image size in MiB, default 1024; or BENCH_GIB),
 #        AMICTL_BIN (use this amictl, skip the build), COLDSNAP_BIN (default: coldsnap
 #        on PATH), PYTHON (default python3, needs moto and boto3), RUN_TIMEOUT (s, 900).
@@ -19,6 +24,7 @@ PYTHON=${PYTHON:-python3}
 BUILD=1
 PIN=1
 OMIT=0
+KEEPALIVE=1
 if [[ -n ${BENCH_MIB:-} ]]; then
     MIB=$BENCH_MIB
 elif [[ -n ${BENCH_GIB:-} ]]; then
@@ -27,7 +33,7 @@ else
     MIB=1024
 fi
 
-usage() { sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,18p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
 while (($#)); do
     case $1 in
@@ -36,6 +42,7 @@ while (($#)); do
         --no-build) BUILD=0; shift ;;
         --no-pin) PIN=0; shift ;;
         --omit | --coldsnap-omit) OMIT=1; shift ;;
+        --close) KEEPALIVE=0; shift ;;
         -h | --help) usage; exit 0 ;;
         *) echo "unknown argument: $1" >&2; usage >&2; exit 2 ;;
     esac
@@ -64,6 +71,17 @@ for tool in awk dd head truncate mktemp timeout stat sort; do
 done
 "$PYTHON" -c 'import moto, boto3' 2>/dev/null ||
     die "$PYTHON cannot import moto and boto3. Install them with: $PYTHON -m pip install 'moto[server]' boto3"
+
+NGINX=""
+if ((KEEPALIVE)); then
+    NGINX=$(command -v nginx || true)
+    [[ -z $NGINX && -x /usr/sbin/nginx ]] && NGINX=/usr/sbin/nginx
+    if [[ -z $NGINX ]]; then
+        sudo=""
+        ((EUID == 0)) || sudo="sudo "
+        die "nginx is missing (it keeps connections open in front of moto, as AWS does). Install it with: ${sudo}apt-get install -y nginx-light, or pass --close"
+    fi
+fi
 
 COLDSNAP=${COLDSNAP_BIN:-$(command -v coldsnap || true)}
 [[ -n $COLDSNAP && -x $COLDSNAP ]] || die "coldsnap not found. Build it once with
@@ -135,6 +153,7 @@ stop_pid() { # pid: TERM, wait up to 10 s, then KILL
 cleanup() {
     set +e
     stop_pid "$UPLOAD_PID" # timeout passes the signal on to the uploader
+    stop_pid "$FRONT_PID"
     stop_pid "$MOTO_PID"
     MOTO_PID=""
     rm -rf "$TMP"
@@ -159,11 +178,76 @@ start_moto() {
     done
     [[ -s $TMP/port ]] || { cat "$TMP/moto.log" >&2; die "moto did not start within 120 s"; }
     MOTO_PORT=$(<"$TMP/port")
+    ENDPOINT_PORT=$MOTO_PORT
+    ((KEEPALIVE)) && start_front
+    return 0
+}
+
+# nginx in front of moto: the uploaders' connections stay open (keepalive_requests,
+# keepalive_timeout), each block is buffered in memory and passed on to moto.
+FRONT_PID=""
+ENDPOINT_PORT=""
+EPHEMERAL_LOW=$(awk '{ print $1 }' /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
+((EPHEMERAL_LOW > 12000)) || EPHEMERAL_LOW=32768
+start_front() {
+    local dir=$TMP/front port i j nginx_user="" temp_paths m
+    mkdir -p "$dir"
+    ((EUID == 0)) && nginx_user="user $(id -un) $(id -gn);"
+    temp_paths="client_body_temp_path $dir/body;"
+    for m in proxy fastcgi uwsgi scgi; do
+        [[ $("$NGINX" -V 2>&1) == *"--without-http_${m}_module"* ]] || temp_paths+=" ${m}_temp_path $dir/$m;"
+    done
+    for ((i = 0; i < 20; i++)); do
+        # Below the ephemeral range, where no client connection can hold the port.
+        port=$((10000 + RANDOM % (EPHEMERAL_LOW - 10000)))
+        cat >"$dir/nginx.conf" <<EOF
+$nginx_user
+worker_processes 1;
+daemon off;
+master_process off;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+events { worker_connections 1024; }
+http {
+    access_log off;
+    $temp_paths
+    keepalive_requests 1000000;
+    keepalive_timeout 60s;
+    client_max_body_size 2m;
+    client_body_buffer_size 1m;
+    proxy_read_timeout 600s;
+    server {
+        listen 127.0.0.1:$port;
+        location / {
+            proxy_pass http://127.0.0.1:$MOTO_PORT;
+            proxy_set_header Host \$http_host;
+        }
+    }
+}
+EOF
+        "${MOTO_PIN[@]}" "$NGINX" -p "$dir" -e "$dir/error.log" -c "$dir/nginx.conf" 2>"$dir/stderr" &
+        FRONT_PID=$!
+        for ((j = 0; j < 50; j++)); do
+            kill -0 "$FRONT_PID" 2>/dev/null || break
+            if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+                ENDPOINT_PORT=$port
+                return 0
+            fi
+            sleep 0.1
+        done
+        stop_pid "$FRONT_PID"
+        FRONT_PID=""
+        grep -qs "Address already in use" "$dir/stderr" "$dir/error.log" ||
+            { cat "$dir/stderr" "$dir/error.log" >&2 2>/dev/null; die "nginx (in front of moto) did not start"; }
+    done
+    die "no free loopback port for nginx in front of moto"
 }
 # CPU ticks (user+system) moto's process has used so far, and the seconds per tick.
 CLK_TCK=$(getconf CLK_TCK 2>/dev/null || echo 100)
 moto_ticks() { awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$MOTO_PID/stat"; }
 stop_moto() {
+    stop_pid "$FRONT_PID"
+    FRONT_PID=""
     stop_pid "$MOTO_PID"
     MOTO_PID=""
 }
@@ -203,7 +287,7 @@ run_one() { # image-name file tool round expected-blocks
     local snap nblocks bsize state user sys wall moto_before moto_cpu
     RUN=$((RUN + 1))
     start_moto
-    export AWS_ENDPOINT_URL="http://127.0.0.1:$MOTO_PORT"
+    export AWS_ENDPOINT_URL="http://127.0.0.1:$ENDPOINT_PORT"
     case $tool in
         amictl | amictl-omit)
             cmd=("$AMICTL" image publish --image "$file" --boot-mode uefi --arch x86_64
@@ -273,11 +357,16 @@ done
 ELAPSED=$((SECONDS - START))
 
 # ---------------------------------------------------------------- report
-"$PYTHON" - "$RESULTS" "$MIB" "$ROUNDS" "$HALF_ALLOC" "$LOAD" "$ELAPSED" "$PIN_NOTE" "$COLDSNAP_VERSION" "$(nproc)" "$AMICTL_REV" <<'EOF'
+if ((KEEPALIVE)); then
+    ENDPOINT_NOTE="moto behind nginx, which keeps the uploaders' connections open as AWS does (--close: without)"
+else
+    ENDPOINT_NOTE="moto's own server, which closes the connection after every response (a TCP connect per block)"
+fi
+"$PYTHON" - "$RESULTS" "$MIB" "$ROUNDS" "$HALF_ALLOC" "$LOAD" "$ELAPSED" "$PIN_NOTE" "$COLDSNAP_VERSION" "$(nproc)" "$AMICTL_REV" "$ENDPOINT_NOTE" <<'EOF'
 import statistics
 import sys
 
-path, mib, rounds, half_alloc, load, elapsed, pin_note, coldsnap_version, ncpu, amictl_rev = sys.argv[1:]
+path, mib, rounds, half_alloc, load, elapsed, pin_note, coldsnap_version, ncpu, amictl_rev, endpoint_note = sys.argv[1:]
 mib, rounds = int(mib), int(rounds)
 gib = mib / 1024
 rows = [line.rstrip("\n").split("\t") for line in open(path) if line.strip()]
@@ -295,6 +384,7 @@ for _, tool in runs:
 print(f"amictl ({amictl_rev}) vs {coldsnap_version}: image upload to moto on 127.0.0.1 (EBS direct APIs, 64 in flight each)")
 print(f"images: {mib} MiB raw ({gib:g} GiB); 'full' is random data; 'half-empty' alternates 1 MiB of random data")
 print(f"        and a 1 MiB hole ({half_alloc} MiB allocated on disk)")
+print(f"endpoint: {endpoint_note}")
 print(f"rounds: {rounds} per tool and image, tools alternating, a fresh moto for every upload")
 print(f"cpu: {pin_note}; {ncpu} CPUs, load average {load} at start")
 print("CPU = user+sys of the uploader process only, per GiB of image size; moto's CPU is not in it (its")
