@@ -43,6 +43,31 @@ fn settings(image: &str, per_az: usize, surge: usize) -> Settings {
     }
 }
 
+/// Rolls a new fleet onto v1, then onto v2 `surge` instances at a time per AZ, and returns
+/// the second rollout's simulated seconds and API calls; with `groups`, through the
+/// simulated cloud's Auto Scaling groups.
+async fn second_rollout(per_az: usize, surge: usize, groups: bool) -> (u64, u64) {
+    let cloud = SimCloud::new(1, Faults::default());
+    let fx = || Effects {
+        compute: &cloud,
+        run: &cloud,
+        lb: Some(&cloud),
+        alarms: &cloud,
+        groups: groups.then_some(&cloud),
+    };
+    Engine::new(fx(), &settings("v1", per_az, per_az), "r1")
+        .run()
+        .await
+        .unwrap();
+    let start = tokio::time::Instant::now();
+    let calls = cloud.calls();
+    Engine::new(fx(), &settings("v2", per_az, surge), "r2")
+        .run()
+        .await
+        .unwrap();
+    (start.elapsed().as_secs(), cloud.calls() - calls)
+}
+
 fn main() {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -57,27 +82,7 @@ fn main() {
     for per_az in [2usize, 10, 50] {
         let surges: std::collections::BTreeSet<usize> = [1, per_az.div_ceil(2), per_az].into();
         for surge in surges {
-            let (secs, calls) = rt.block_on(async {
-                let cloud = SimCloud::new(1, Faults::default());
-                let fx = || Effects {
-                    compute: &cloud,
-                    run: &cloud,
-                    lb: Some(&cloud),
-                    alarms: &cloud,
-                    groups: amictl::rollout::engine::NO_GROUPS,
-                };
-                Engine::new(fx(), &settings("v1", per_az, per_az), "r1")
-                    .run()
-                    .await
-                    .unwrap();
-                let start = tokio::time::Instant::now();
-                let calls = cloud.calls();
-                Engine::new(fx(), &settings("v2", per_az, surge), "r2")
-                    .run()
-                    .await
-                    .unwrap();
-                (start.elapsed().as_secs(), cloud.calls() - calls)
-            });
+            let (secs, calls) = rt.block_on(second_rollout(per_az, surge, false));
             println!(
                 "{per_az:>6} {surge:>8} {secs:>12} {calls:>10}   {:.1}",
                 calls as f64 / (2 * per_az) as f64
@@ -92,27 +97,7 @@ fn main() {
         "N/AZ", "", "sim time s", "API calls"
     );
     for per_az in [2usize, 10, 50] {
-        let (secs, calls) = rt.block_on(async {
-            let cloud = SimCloud::new(1, Faults::default());
-            let fx = || Effects {
-                compute: &cloud,
-                run: &cloud,
-                lb: Some(&cloud),
-                alarms: &cloud,
-                groups: Some(&cloud),
-            };
-            Engine::new(fx(), &settings("v1", per_az, per_az), "r1")
-                .run()
-                .await
-                .unwrap();
-            let start = tokio::time::Instant::now();
-            let calls = cloud.calls();
-            Engine::new(fx(), &settings("v2", per_az, per_az), "r2")
-                .run()
-                .await
-                .unwrap();
-            (start.elapsed().as_secs(), cloud.calls() - calls)
-        });
+        let (secs, calls) = rt.block_on(second_rollout(per_az, per_az, true));
         println!(
             "{per_az:>6} {:>8} {secs:>12} {calls:>10}   {:.1}",
             "groups",

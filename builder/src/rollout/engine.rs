@@ -239,13 +239,7 @@ impl<'a, C: Compute, R: RunCommand, L: LoadBalancer, A: Alarms, G: Groups>
 
     /// Live, not retiring, on the desired image and settings of its AZ.
     fn in_service_candidate(&self, i: &Instance) -> bool {
-        let spec = self
-            .s
-            .desired
-            .specs
-            .get(&i.az)
-            .map(String::as_str)
-            .unwrap_or_default();
+        let spec = self.s.desired.spec(&i.az);
         i.retiring.is_none()
             && matches!(i.state, InstanceState::Pending | InstanceState::Running)
             && self.s.desired.placements.iter().any(|p| p.az == i.az)
@@ -261,7 +255,7 @@ impl<'a, C: Compute, R: RunCommand, L: LoadBalancer, A: Alarms, G: Groups>
             .iter()
             .find(|p| p.az == az)
             .expect("the plan only names desired AZs");
-        let spec = self.s.desired.specs.get(az).cloned().unwrap_or_default();
+        let spec = self.s.desired.spec(az).to_owned();
         // Slots continue after this rollout's earlier launches in the AZ (a resumed run).
         let before = self.instances().await.map_err(|e| e.to_string())?;
         let launched_here = before

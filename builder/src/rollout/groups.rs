@@ -139,11 +139,7 @@ pub fn plan_groups(
     let mut per_az = Vec::new();
     for placement in &desired.placements {
         let az = placement.az.as_str();
-        let spec = desired
-            .specs
-            .get(az)
-            .map(String::as_str)
-            .unwrap_or_default();
+        let spec = desired.spec(az);
         let live: Vec<&Group> = groups
             .iter()
             .filter(|g| g.az == az && g.retiring.is_none())
@@ -321,7 +317,7 @@ impl<C: Compute, R: RunCommand, L: LoadBalancer, A: Alarms, G: Groups> Engine<'_
                 fleet: self.s.fleet.clone(),
                 placement: placement.clone(),
                 image: self.s.desired.image.clone(),
-                spec: self.s.desired.specs.get(az).cloned().unwrap_or_default(),
+                spec: self.s.desired.spec(az).to_owned(),
                 rollout: self.rollout.clone(),
                 capacity: step.capacity,
             };

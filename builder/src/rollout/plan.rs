@@ -20,6 +20,13 @@ pub struct Desired {
     pub parallel_azs: bool,
 }
 
+impl Desired {
+    /// The launch-settings digest wanted in `az` (empty for an AZ without one).
+    pub fn spec(&self, az: &str) -> &str {
+        self.specs.get(az).map(String::as_str).unwrap_or_default()
+    }
+}
+
 /// One step in one AZ: launch `launch` replacements, gate them, then take `retire` out of
 /// service.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,11 +92,7 @@ pub fn plan(current: &[Instance], desired: &Desired) -> Plan {
 
     for placement in &desired.placements {
         let az = placement.az.as_str();
-        let spec = desired
-            .specs
-            .get(az)
-            .map(String::as_str)
-            .unwrap_or_default();
+        let spec = desired.spec(az);
         let in_az: Vec<&Instance> = current
             .iter()
             .filter(|i| i.az == az && i.retiring.is_none() && i.state != InstanceState::Terminated)
