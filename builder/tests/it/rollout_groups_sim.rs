@@ -10,10 +10,9 @@ use std::time::Duration;
 
 use amictl::fleet::sim::{Faults, SimCloud, BOOT, TARGET_HEALTHY_AFTER};
 use amictl::fleet::{Instance, Scaling, TargetState};
-use amictl::rollout::engine::{Effects, Engine, Outcome, RolloutError, Settings};
-use amictl::rollout::journal::{resolve, Resolution};
+use amictl::rollout::engine::{Outcome, RolloutError, Settings};
 
-use super::rollout_sim::{assert_serving_all, faults, AZS, PER_AZ};
+use super::rollout_sim::{assert_serving_all, crash_anywhere, engine, faults, Fleet, AZS, PER_AZ};
 
 /// The plain-instance rollout's settings: groups are made at their full size (no surge).
 fn settings(image: &str, parallel: bool) -> Settings {
@@ -21,37 +20,12 @@ fn settings(image: &str, parallel: bool) -> Settings {
 }
 
 async fn run(cloud: &SimCloud, s: &Settings, rollout: &str) -> Result<Outcome, RolloutError> {
-    let fx = Effects {
-        compute: cloud,
-        run: cloud,
-        lb: Some(cloud),
-        alarms: cloud,
-        groups: Some(cloud),
-    };
-    Engine::new(fx, s, rollout).run().await
-}
-
-async fn abort(cloud: &SimCloud, s: &Settings, rollout: &str) -> Result<Outcome, RolloutError> {
-    let fx = Effects {
-        compute: cloud,
-        run: cloud,
-        lb: Some(cloud),
-        alarms: cloud,
-        groups: Some(cloud),
-    };
-    Engine::new(fx, s, rollout).rollback("aborted").await
+    engine(cloud, s, rollout, true).run().await
 }
 
 /// Plain instances, as amictl made them before releases were groups.
 async fn run_plain(cloud: &SimCloud, s: &Settings, rollout: &str) -> Outcome {
-    let fx = Effects {
-        compute: cloud,
-        run: cloud,
-        lb: Some(cloud),
-        alarms: cloud,
-        groups: amictl::rollout::engine::NO_GROUPS,
-    };
-    Engine::new(fx, s, rollout).run().await.unwrap()
+    engine(cloud, s, rollout, false).run().await.unwrap()
 }
 
 /// The fleet is whole on one image: `per_az[az]` running instances in each AZ, each in
@@ -248,82 +222,34 @@ async fn a_fleet_that_scaled_out_is_not_shrunk_and_the_bounds_hold() {
     assert_whole_in_groups(&cloud, "ami-v2", &[2, 2], "resized");
 }
 
+struct InGroups;
+
+impl Fleet for InGroups {
+    const GROUPS: bool = true;
+
+    async fn v1(seed: u64) -> SimCloud {
+        v1_fleet(seed).await
+    }
+
+    fn longest() -> Settings {
+        settings("ami-v2", false)
+    }
+
+    fn draw(rng: &mut fastrand::Rng) -> (Settings, String) {
+        let parallel = rng.bool();
+        (settings("ami-v2", parallel), format!("parallel {parallel}"))
+    }
+
+    fn assert_whole(cloud: &SimCloud, image: &str, ctx: &str) {
+        assert_whole_in_groups(cloud, image, &[PER_AZ; 2], ctx);
+    }
+}
+
 /// A crash at every call of a clean rollout, then resume or abort, under many seeds; the
 /// groups keep working while the rollout's process is dead.
 #[tokio::test(start_paused = true)]
 async fn crash_anywhere_then_resume_or_abort() {
-    let probe = v1_fleet(0).await;
-    let start = probe.calls();
-    run(&probe, &settings("ami-v2", false), "r-v2")
-        .await
-        .unwrap();
-    let total = probe.calls() - start;
-    assert!(total > 20, "{total}");
-
-    let mut runs = 0;
-    for seed in 0..3u64 {
-        for k in 1..=total {
-            let mut rng = fastrand::Rng::with_seed(seed * 1000 + k);
-            let parallel = rng.bool();
-            let s = settings("ami-v2", parallel);
-            let cloud = v1_fleet(seed).await;
-            let base = cloud.calls();
-            cloud.set_faults(Faults {
-                crash_at_call: Some(base + k),
-                throttle: if rng.bool() { 0.2 } else { 0.0 },
-                ..Faults::default()
-            });
-            let first = run(&cloud, &s, "r-v2").await;
-            let ctx = format!("seed {seed}, crash at call {k}, parallel {parallel}");
-            if !cloud.crashed() {
-                assert!(
-                    matches!(first, Ok(Outcome::Done { .. })),
-                    "{ctx}: {first:?}"
-                );
-                assert_whole_in_groups(&cloud, "ami-v2", &[PER_AZ; 2], &ctx);
-                continue;
-            }
-            cloud.set_faults(Faults::default());
-            if rng.usize(0..3) == 0 {
-                // The journal was lost too: the tags alone decide.
-                let (live, _) = cloud.snapshot();
-                let groups = group_views(&cloud).await;
-                let id = match resolve(None, &live, &groups, "ami-v2") {
-                    Resolution::Resume(id) => id,
-                    Resolution::New => "r-v2-again".into(),
-                    other => panic!("{ctx}: {other:?}"),
-                };
-                let out = run(&cloud, &s, &id)
-                    .await
-                    .unwrap_or_else(|e| panic!("{ctx}: journal-less resume failed: {e}"));
-                assert!(matches!(out, Outcome::Done { .. }), "{ctx}: {out:?}");
-                assert_whole_in_groups(
-                    &cloud,
-                    "ami-v2",
-                    &[PER_AZ; 2],
-                    &format!("{ctx}, resumed without journal"),
-                );
-            } else if rng.bool() {
-                let out = run(&cloud, &s, "r-v2")
-                    .await
-                    .unwrap_or_else(|e| panic!("{ctx}: resume failed: {e}"));
-                assert!(matches!(out, Outcome::Done { .. }), "{ctx}: {out:?}");
-                assert_whole_in_groups(&cloud, "ami-v2", &[PER_AZ; 2], &format!("{ctx}, resumed"));
-            } else {
-                let out = abort(&cloud, &s, "r-v2")
-                    .await
-                    .unwrap_or_else(|e| panic!("{ctx}: abort failed: {e}"));
-                assert!(matches!(out, Outcome::RolledBack { .. }), "{ctx}");
-                assert_whole_in_groups(&cloud, "ami-v1", &[PER_AZ; 2], &format!("{ctx}, aborted"));
-            }
-            runs += 1;
-        }
-    }
-    assert!(runs > 30, "only {runs} crash runs");
-}
-
-async fn group_views(cloud: &SimCloud) -> Vec<amictl::fleet::Group> {
-    amictl::fleet::Groups::groups(cloud, "web").await.unwrap()
+    crash_anywhere::<InGroups>().await;
 }
 
 #[tokio::test(start_paused = true)]

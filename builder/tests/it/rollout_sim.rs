@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use amictl::fleet::sim::{Faults, SimCloud};
 use amictl::fleet::{Instance, Placement, TargetState};
-use amictl::rollout::engine::{Effects, Engine, Outcome, Settings};
+use amictl::rollout::engine::{Effects, Engine, Outcome, RolloutError, Settings};
 use amictl::rollout::journal::{resolve, Resolution};
 use amictl::rollout::plan::Desired;
 
@@ -47,36 +47,26 @@ pub(crate) fn settings(image: &str, surge: usize, parallel: bool) -> Settings {
     }
 }
 
-/// The simulated cloud as every effect of the engine.
-fn engine<'a>(
+/// The simulated cloud as every effect of the engine; with `groups`, releases are Auto
+/// Scaling groups.
+pub(crate) fn engine<'a>(
     cloud: &'a SimCloud,
     s: &'a Settings,
     rollout: &str,
-) -> Engine<'a, SimCloud, SimCloud, SimCloud, SimCloud> {
+    groups: bool,
+) -> Engine<'a, SimCloud, SimCloud, SimCloud, SimCloud, SimCloud> {
     let fx = Effects {
         compute: cloud,
         run: cloud,
         lb: Some(cloud),
         alarms: cloud,
-        groups: amictl::rollout::engine::NO_GROUPS,
+        groups: groups.then_some(cloud),
     };
     Engine::new(fx, s, rollout)
 }
 
-async fn run(
-    cloud: &SimCloud,
-    s: &Settings,
-    rollout: &str,
-) -> Result<Outcome, amictl::rollout::engine::RolloutError> {
-    engine(cloud, s, rollout).run().await
-}
-
-async fn abort(
-    cloud: &SimCloud,
-    s: &Settings,
-    rollout: &str,
-) -> Result<Outcome, amictl::rollout::engine::RolloutError> {
-    engine(cloud, s, rollout).rollback("aborted").await
+async fn run(cloud: &SimCloud, s: &Settings, rollout: &str) -> Result<Outcome, RolloutError> {
+    engine(cloud, s, rollout, false).run().await
 }
 
 /// The fleet is whole on one image: PER_AZ running instances per AZ, none retiring, each
@@ -235,13 +225,30 @@ async fn slow_ssm_and_throttling_are_ridden_out() {
     assert_whole(&cloud, "ami-v2", "throttled");
 }
 
-/// A crash at every call of a clean rollout, then resume or abort, under many seeds.
-#[tokio::test(start_paused = true)]
-async fn crash_anywhere_then_resume_or_abort() {
-    // How many calls a clean rollout makes, to crash at each of them.
-    let probe = v1_fleet(0).await;
+/// One kind of fleet for [`crash_anywhere`]: plain instances, or a group per AZ.
+pub(crate) trait Fleet {
+    /// Whether releases are Auto Scaling groups.
+    const GROUPS: bool;
+    /// A healthy fleet on ami-v1, established.
+    async fn v1(seed: u64) -> SimCloud;
+    /// The rollout to ami-v2 that makes the most calls: one crash run per call.
+    fn longest() -> Settings;
+    /// A rollout to ami-v2 drawn with `rng`, and how to name it in a failure.
+    fn draw(rng: &mut fastrand::Rng) -> (Settings, String);
+    /// The whole fleet is on `image`, as this kind of fleet keeps it.
+    fn assert_whole(cloud: &SimCloud, image: &str, ctx: &str);
+    /// Checks after a resume with its journal, given the launches made before it.
+    fn after_resume(_cloud: &SimCloud, _launched_before: u64, _ctx: &str) {}
+}
+
+/// A crash at every call of a clean rollout, then a resume (with its journal, or from the
+/// tags alone when the journal was lost too) or an abort, under many seeds. Whatever the
+/// dead process returned, nothing more happened; the fleet must end whole on one image.
+pub(crate) async fn crash_anywhere<K: Fleet>() {
+    let probe = K::v1(0).await;
     let start = probe.calls();
-    run(&probe, &settings("ami-v2", 1, false), "r-v2")
+    engine(&probe, &K::longest(), "r-v2", K::GROUPS)
+        .run()
         .await
         .unwrap();
     let total = probe.calls() - start;
@@ -251,65 +258,101 @@ async fn crash_anywhere_then_resume_or_abort() {
     for seed in 0..3u64 {
         for k in 1..=total {
             let mut rng = fastrand::Rng::with_seed(seed * 1000 + k);
-            let parallel = rng.bool();
-            let surge = rng.usize(1..=2);
-            let s = settings("ami-v2", surge, parallel);
-            let cloud = v1_fleet(seed).await;
+            let (s, variant) = K::draw(&mut rng);
+            let cloud = K::v1(seed).await;
             let base = cloud.calls();
             cloud.set_faults(Faults {
                 crash_at_call: Some(base + k),
                 throttle: if rng.bool() { 0.2 } else { 0.0 },
                 ..Faults::default()
             });
-            let first = run(&cloud, &s, "r-v2").await;
-            let ctx = format!("seed {seed}, crash at call {k}, parallel {parallel}, surge {surge}");
+            let first = engine(&cloud, &s, "r-v2", K::GROUPS).run().await;
+            let ctx = format!("seed {seed}, crash at call {k}, {variant}");
             if !cloud.crashed() {
                 // The crash point was past this variant's last call: it finished.
                 assert!(
                     matches!(first, Ok(Outcome::Done { .. })),
                     "{ctx}: {first:?}"
                 );
-                assert_whole(&cloud, "ami-v2", &ctx);
+                K::assert_whole(&cloud, "ami-v2", &ctx);
                 continue;
             }
-            // The process died: whatever it returned, nothing more happened. Come back.
             cloud.set_faults(Faults::default());
             let launched_before = cloud.launches();
-            if rng.usize(0..3) == 0 {
+            let (id, image, how) = if rng.usize(0..3) == 0 {
                 // The journal was lost too (a fresh CI runner): the tags alone decide.
                 let (live, _) = cloud.snapshot();
-                let id = match resolve(None, &live, &[], "ami-v2") {
+                let groups = amictl::fleet::Groups::groups(&cloud, "web").await.unwrap();
+                let id = match resolve(None, &live, &groups, "ami-v2") {
                     Resolution::Resume(id) => id,
                     Resolution::New => "r-v2-again".into(),
                     other => panic!("{ctx}: {other:?}"),
                 };
-                let out = run(&cloud, &s, &id)
-                    .await
-                    .unwrap_or_else(|e| panic!("{ctx}: journal-less resume failed: {e}"));
-                assert!(matches!(out, Outcome::Done { .. }), "{ctx}: {out:?}");
-                assert_whole(&cloud, "ami-v2", &format!("{ctx}, resumed without journal"));
+                (id, "ami-v2", "resumed without journal")
             } else if rng.bool() {
-                let out = run(&cloud, &s, "r-v2")
-                    .await
-                    .unwrap_or_else(|e| panic!("{ctx}: resume failed: {e}"));
-                assert!(matches!(out, Outcome::Done { .. }), "{ctx}: {out:?}");
-                assert_whole(&cloud, "ami-v2", &format!("{ctx}, resumed"));
-                // No double launches: at most the replacements still missing were launched.
-                assert!(
-                    cloud.launches() - launched_before <= (PER_AZ * AZS.len()) as u64,
-                    "{ctx}"
-                );
+                ("r-v2".to_owned(), "ami-v2", "resumed")
             } else {
-                let out = abort(&cloud, &s, "r-v2")
-                    .await
-                    .unwrap_or_else(|e| panic!("{ctx}: abort failed: {e}"));
-                assert!(matches!(out, Outcome::RolledBack { .. }), "{ctx}");
-                assert_whole(&cloud, "ami-v1", &format!("{ctx}, aborted"));
+                ("r-v2".to_owned(), "ami-v1", "aborted")
+            };
+            let rollout = engine(&cloud, &s, &id, K::GROUPS);
+            let out = if how == "aborted" {
+                rollout.rollback("aborted").await
+            } else {
+                rollout.run().await
+            };
+            let out = out.unwrap_or_else(|e| panic!("{ctx}: {how}: {e}"));
+            match how {
+                "aborted" => assert!(matches!(out, Outcome::RolledBack { .. }), "{ctx}: {out:?}"),
+                _ => assert!(matches!(out, Outcome::Done { .. }), "{ctx}: {out:?}"),
+            }
+            K::assert_whole(&cloud, image, &format!("{ctx}, {how}"));
+            if how == "resumed" {
+                K::after_resume(&cloud, launched_before, &ctx);
             }
             runs += 1;
         }
     }
     assert!(runs > 30, "only {runs} crash runs");
+}
+
+struct Plain;
+
+impl Fleet for Plain {
+    const GROUPS: bool = false;
+
+    async fn v1(seed: u64) -> SimCloud {
+        v1_fleet(seed).await
+    }
+
+    fn longest() -> Settings {
+        settings("ami-v2", 1, false)
+    }
+
+    fn draw(rng: &mut fastrand::Rng) -> (Settings, String) {
+        let parallel = rng.bool();
+        let surge = rng.usize(1..=2);
+        (
+            settings("ami-v2", surge, parallel),
+            format!("parallel {parallel}, surge {surge}"),
+        )
+    }
+
+    fn assert_whole(cloud: &SimCloud, image: &str, ctx: &str) {
+        assert_whole(cloud, image, ctx);
+    }
+
+    fn after_resume(cloud: &SimCloud, launched_before: u64, ctx: &str) {
+        // No double launches: at most the replacements still missing were launched.
+        assert!(
+            cloud.launches() - launched_before <= (PER_AZ * AZS.len()) as u64,
+            "{ctx}"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn crash_anywhere_then_resume_or_abort() {
+    crash_anywhere::<Plain>().await;
 }
 
 #[tokio::test(start_paused = true)]
