@@ -92,6 +92,18 @@ pub enum RolloutError {
     },
 }
 
+impl RolloutError {
+    /// The last step failed: the new release serves, but what the commit cleans up (the old
+    /// instances or groups, the journal) is still there.
+    pub fn commit_failed(error: String) -> Self {
+        RolloutError::NeedsAttention {
+            reason: "committing the rollout".into(),
+            rollback: error,
+            state: String::new(),
+        }
+    }
+}
+
 /// A launch token that is the same for the same rollout, AZ and slot, and fits EC2's
 /// 64-character ClientToken.
 pub fn launch_token(rollout: &str, az: &str, slot: usize) -> String {
@@ -178,11 +190,7 @@ impl<'a, C: Compute, R: RunCommand, L: LoadBalancer, A: Alarms, G: Groups>
         }
         self.commit(&plan)
             .await
-            .map_err(|e| RolloutError::NeedsAttention {
-                reason: "committing the rollout".into(),
-                rollback: e,
-                state: String::new(),
-            })?;
+            .map_err(RolloutError::commit_failed)?;
         Ok(Outcome::Done {
             launched: plan.launches(),
             retired: plan

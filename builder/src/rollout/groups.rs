@@ -283,14 +283,10 @@ impl<C: Compute, R: RunCommand, L: LoadBalancer, A: Alarms, G: Groups> Engine<'_
                 return self.rollback(&reason).await;
             }
         }
-        let retired =
-            self.commit_groups(groups, &plan)
-                .await
-                .map_err(|e| RolloutError::NeedsAttention {
-                    reason: "committing the rollout".into(),
-                    rollback: e,
-                    state: String::new(),
-                })?;
+        let retired = self
+            .commit_groups(groups, &plan)
+            .await
+            .map_err(RolloutError::commit_failed)?;
         Ok(Outcome::Done {
             launched: plan
                 .steps()
