@@ -81,6 +81,7 @@ if ((KEEPALIVE)); then
         ((EUID == 0)) || sudo="sudo "
         die "nginx is missing (it keeps connections open in front of moto, as AWS does). Install it with: ${sudo}apt-get install -y nginx-light, or pass --close"
     fi
+    NGINX_BUILD=$("$NGINX" -V 2>&1) # its modules decide which temp paths it takes
 fi
 
 COLDSNAP=${COLDSNAP_BIN:-$(command -v coldsnap || true)}
@@ -195,7 +196,7 @@ start_front() {
     ((EUID == 0)) && nginx_user="user $(id -un) $(id -gn);"
     temp_paths="client_body_temp_path $dir/body;"
     for m in proxy fastcgi uwsgi scgi; do
-        [[ $("$NGINX" -V 2>&1) == *"--without-http_${m}_module"* ]] || temp_paths+=" ${m}_temp_path $dir/$m;"
+        [[ $NGINX_BUILD == *"--without-http_${m}_module"* ]] || temp_paths+=" ${m}_temp_path $dir/$m;"
     done
     for ((i = 0; i < 20; i++)); do
         # Below the ephemeral range, where no client connection can hold the port.

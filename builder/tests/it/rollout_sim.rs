@@ -241,6 +241,17 @@ pub(crate) trait Fleet {
     fn after_resume(_cloud: &SimCloud, _launched_before: u64, _ctx: &str) {}
 }
 
+/// What the operator does after the crash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Comeback {
+    /// Runs the rollout again with its journal.
+    Resume,
+    /// The journal was lost too: the rollout to resume is found from the tags.
+    ResumeWithoutJournal,
+    /// Rolls back.
+    Abort,
+}
+
 /// A crash at every call of a clean rollout, then a resume (with its journal, or from the
 /// tags alone when the journal was lost too) or an abort, under many seeds. Whatever the
 /// dead process returned, nothing more happened; the fleet must end whole on one image.
@@ -279,34 +290,39 @@ pub(crate) async fn crash_anywhere<K: Fleet>() {
             }
             cloud.set_faults(Faults::default());
             let launched_before = cloud.launches();
-            let (id, image, how) = if rng.usize(0..3) == 0 {
+            let comeback = if rng.usize(0..3) == 0 {
+                Comeback::ResumeWithoutJournal
+            } else if rng.bool() {
+                Comeback::Resume
+            } else {
+                Comeback::Abort
+            };
+            let id = if comeback == Comeback::ResumeWithoutJournal {
                 // The journal was lost too (a fresh CI runner): the tags alone decide.
                 let (live, _) = cloud.snapshot();
                 let groups = amictl::fleet::Groups::groups(&cloud, "web").await.unwrap();
-                let id = match resolve(None, &live, &groups, "ami-v2") {
+                match resolve(None, &live, &groups, "ami-v2") {
                     Resolution::Resume(id) => id,
                     Resolution::New => "r-v2-again".into(),
                     other => panic!("{ctx}: {other:?}"),
-                };
-                (id, "ami-v2", "resumed without journal")
-            } else if rng.bool() {
-                ("r-v2".to_owned(), "ami-v2", "resumed")
+                }
             } else {
-                ("r-v2".to_owned(), "ami-v1", "aborted")
+                "r-v2".to_owned()
             };
+            let ctx = format!("{ctx}, {comeback:?}");
             let rollout = engine(&cloud, &s, &id, K::GROUPS);
-            let out = if how == "aborted" {
-                rollout.rollback("aborted").await
+            if comeback == Comeback::Abort {
+                let out = rollout.rollback("aborted").await;
+                let out = out.unwrap_or_else(|e| panic!("{ctx}: {e}"));
+                assert!(matches!(out, Outcome::RolledBack { .. }), "{ctx}: {out:?}");
+                K::assert_whole(&cloud, "ami-v1", &ctx);
             } else {
-                rollout.run().await
-            };
-            let out = out.unwrap_or_else(|e| panic!("{ctx}: {how}: {e}"));
-            match how {
-                "aborted" => assert!(matches!(out, Outcome::RolledBack { .. }), "{ctx}: {out:?}"),
-                _ => assert!(matches!(out, Outcome::Done { .. }), "{ctx}: {out:?}"),
+                let out = rollout.run().await;
+                let out = out.unwrap_or_else(|e| panic!("{ctx}: {e}"));
+                assert!(matches!(out, Outcome::Done { .. }), "{ctx}: {out:?}");
+                K::assert_whole(&cloud, "ami-v2", &ctx);
             }
-            K::assert_whole(&cloud, image, &format!("{ctx}, {how}"));
-            if how == "resumed" {
+            if comeback == Comeback::Resume {
                 K::after_resume(&cloud, launched_before, &ctx);
             }
             runs += 1;
