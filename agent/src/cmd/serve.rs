@@ -12,7 +12,7 @@ use tracing::{info, warn};
 
 use crate::config::{self, FileConfig, Overrides};
 use crate::health::{HealthConfig, HealthLoop, ServerListener};
-use crate::http::{bind, Server, ServerConfig};
+use crate::http::{bind, inherit, Server, ServerConfig};
 use crate::manifest::Manifest;
 use crate::notify::{check_interval, Notice, Notifier, Systemd};
 use crate::site::Site;
@@ -32,6 +32,10 @@ pub struct Args {
     /// Address to listen on [default: 0.0.0.0:80].
     #[arg(long, env = "AMI_AGENT_LISTEN")]
     pub listen: Option<SocketAddr>,
+    /// Serve on a listening TCP socket inherited at this descriptor, already bound by the
+    /// parent process, instead of binding --listen.
+    #[arg(long, env = "AMI_AGENT_LISTEN_FD", conflicts_with = "listen")]
+    pub listen_fd: Option<std::os::fd::RawFd>,
     /// Share the listening address with other agents (SO_REUSEPORT).
     #[arg(long, env = "AMI_AGENT_REUSE_PORT")]
     pub reuse_port: bool,
@@ -70,6 +74,11 @@ pub struct Args {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<i32> {
+    // Taken before any file is opened, so that the number cannot be anything else.
+    let inherited = args
+        .listen_fd
+        .map(|fd| inherit(fd).with_context(|| format!("cannot serve on --listen-fd {fd}")))
+        .transpose()?;
     let file = match &args.config {
         Some(path) => FileConfig::load(path)?,
         None => FileConfig::default(),
@@ -117,13 +126,11 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
             ..ServerConfig::default()
         },
     );
-    let listener = bind(settings.listen, settings.reuse_port).with_context(|| {
-        format!(
-            "cannot listen on {}: ports below 1024 need root or CAP_NET_BIND_SERVICE; \
-             pick another with --listen (e.g. 127.0.0.1:8080)",
-            settings.listen
-        )
-    })?;
+    let listener = match inherited {
+        Some(listener) => listener,
+        None => bind(settings.listen, settings.reuse_port)
+            .map_err(|e| bind_failed(settings.listen, e))?,
+    };
     let listener = ServerListener::new(server.clone(), listener, settings.reuse_port)?;
 
     let notifier = Systemd;
@@ -159,6 +166,27 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
     let drained = server.shutdown(settings.shutdown_timeout).await;
     info!(drained, "stopped");
     Ok(0)
+}
+
+/// Why a bind failed, in terms of what to do about it.
+fn bind_failed(addr: SocketAddr, e: std::io::Error) -> anyhow::Error {
+    use std::io::ErrorKind;
+    let fix = match e.kind() {
+        ErrorKind::PermissionDenied => {
+            "ports below 1024 need root or CAP_NET_BIND_SERVICE; pick another with --listen \
+             (e.g. 127.0.0.1:8080)"
+        }
+        ErrorKind::AddrInUse => {
+            "another process listens there (`ss -ltnp` names it); stop it, or pick another \
+             address with --listen"
+        }
+        ErrorKind::AddrNotAvailable => {
+            "no interface of this machine has that address; pick one it has with --listen, \
+             or 0.0.0.0 for all"
+        }
+        _ => "pick another address with --listen",
+    };
+    anyhow::anyhow!("cannot listen on {addr}: {e}: {fix}")
 }
 
 /// Descriptors the agent needs beyond its connections: the listener, the health loop's
@@ -202,4 +230,23 @@ async fn wait_for_signal() -> std::io::Result<&'static str> {
         _ = term.recv() => "SIGTERM",
         _ = int.recv() => "SIGINT",
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_bind_failure_names_its_cause_and_the_fix() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = taken.local_addr().unwrap();
+        let e = bind(addr, false).map(drop).unwrap_err();
+        let msg = bind_failed(addr, e).to_string();
+        assert!(msg.contains("another process listens there"), "{msg}");
+        assert!(!msg.contains("below 1024"), "{msg}");
+
+        let denied = std::io::Error::from(std::io::ErrorKind::PermissionDenied);
+        let msg = bind_failed("0.0.0.0:80".parse().unwrap(), denied).to_string();
+        assert!(msg.contains("CAP_NET_BIND_SERVICE"), "{msg}");
+    }
 }

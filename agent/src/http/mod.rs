@@ -217,6 +217,62 @@ pub fn bind(addr: SocketAddr, reuse_port: bool) -> io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
+/// Takes over a listening TCP socket that the parent process bound and left open at
+/// descriptor `fd` (a supervisor, or the local fleet, which binds port 0 itself so that no
+/// other process can take the port between choosing it and the agent binding it).
+pub fn inherit(fd: std::os::fd::RawFd) -> io::Result<TcpListener> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let refuse = |why: String| io::Error::new(io::ErrorKind::InvalidInput, why);
+    if fd < 3 {
+        return Err(refuse(format!(
+            "descriptor {fd} is standard input, output or error, not a listening socket"
+        )));
+    }
+    // Check that it is open before owning it: owning a closed number would later close
+    // whatever file the agent opens under that number.
+    // SAFETY: F_GETFD only reads the descriptor's flags; a closed number fails with EBADF.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } == -1 {
+        return Err(refuse(format!(
+            "descriptor {fd} is not open ({}): the parent must leave its listening socket \
+             open at that number",
+            io::Error::last_os_error()
+        )));
+    }
+    // SAFETY: the descriptor is open and nothing else in this process owns it: it was
+    // inherited, and `serve` takes it before opening any file.
+    let socket = socket2::Socket::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    let kind = socket
+        .r#type()
+        .map_err(|e| refuse(format!("descriptor {fd} is not a socket ({e})")))?;
+    let addr = socket.local_addr()?.as_socket();
+    if kind != socket2::Type::STREAM || addr.is_none() || !socket.is_listener()? {
+        return Err(refuse(format!(
+            "descriptor {fd} is not a listening TCP socket"
+        )));
+    }
+    // Not passed on to anything the agent runs.
+    rustix::io::fcntl_setfd(&socket, rustix::io::FdFlags::CLOEXEC)?;
+    socket.set_nonblocking(true)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// The other side of [`inherit`]: makes the agent `cmd` starts serve on `listener`
+/// (`--listen-fd`, after the arguments given so far). Keep the listener open until the
+/// child has been spawned; the parent's copy may be closed after that.
+pub fn pass_listener(cmd: &mut std::process::Command, listener: &impl std::os::fd::AsRawFd) {
+    use std::os::unix::process::CommandExt;
+    let fd = listener.as_raw_fd();
+    // SAFETY: fcntl is async-signal-safe, and the descriptor is open in the forked child.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = std::os::fd::BorrowedFd::borrow_raw(fd);
+            rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::empty())?;
+            Ok(())
+        });
+    }
+    cmd.arg("--listen-fd").arg(fd.to_string());
+}
+
 async fn accept_loop(inner: Arc<Inner>, listener: TcpListener, stop: CancellationToken) {
     let mut backoff = AcceptBackoff::default();
     loop {

@@ -4,6 +4,7 @@
 use crate::common;
 
 use std::io::{Read, Write};
+use std::net::SocketAddr;
 use std::os::unix::net::UnixDatagram;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -254,34 +255,35 @@ fn manifest_command_is_deterministic_and_serve_reads_a_config_file() {
         site.manifest.to_json()
     );
 
-    let port = free_port();
+    // Port 0: the agent binds what the file says, and its log says what it got.
     let config = site.dir.path().join("agent.toml");
     std::fs::write(
         &config,
         format!(
-            "root = {:?}\nmanifest = {:?}\nlisten = \"127.0.0.1:{port}\"\nhealth_interval = 1\n\
-             drift_sources = [\"http://127.0.0.1:{port}/\"]\n",
+            "root = {:?}\nmanifest = {:?}\nlisten = \"127.0.0.1:0\"\nhealth_interval = 1\n\
+             drift_sources = [\"ntp://127.0.0.1:9\"]\n",
             site.root, site.manifest_path
         ),
     )
     .unwrap();
+    let log = site.dir.path().join("config-agent.log");
     let mut child = Command::new(agent_bin())
         .args(["serve", "--config", config.to_str().unwrap()])
-        .stderr(std::process::Stdio::null())
+        .env("AMI_AGENT_LOG", "info")
+        .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    let addr = format!("127.0.0.1:{port}").parse().unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
-    let body = loop {
-        if let Ok(body) = blocking_get(addr, "/version.txt") {
-            break body;
+    let addr: SocketAddr = loop {
+        let text = std::fs::read_to_string(&log).unwrap();
+        if let Some(rest) = text.split("listening addr=").nth(1) {
+            break rest.split_whitespace().next().unwrap().parse().unwrap();
         }
-        assert!(
-            Instant::now() < deadline,
-            "the configured listener never answered"
-        );
+        assert!(Instant::now() < deadline, "never listened: {text}");
         std::thread::sleep(Duration::from_millis(50));
     };
+    assert!(addr.ip().is_loopback() && addr.port() != 0, "{addr}");
+    let body = blocking_get(addr, "/version.txt").unwrap();
     assert_eq!(body, VERSION);
     let _ = child.kill();
     let _ = child.wait();
@@ -337,4 +339,50 @@ fn check_watch_prints_one_line_per_check() {
             .all(|l| l.contains("healthy: ") && l.contains("GMT")),
         "{text}"
     );
+}
+
+/// `--listen-fd` takes only a listening TCP socket, and says what it got instead.
+#[test]
+fn an_inherited_descriptor_must_be_a_listening_socket() {
+    use std::os::fd::AsRawFd;
+    let site = test_site();
+    let run = |cmd: &mut std::process::Command| {
+        let out = cmd
+            .arg("--root")
+            .arg(&site.root)
+            .env_remove("NOTIFY_SOCKET")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        String::from_utf8(out.stderr).unwrap()
+    };
+    // Nothing open at that number in the child: a number this process does not pass on.
+    let closed = (9..)
+        // Closed (-1, every bit set) or close-on-exec. SAFETY: F_GETFD only reads flags.
+        .find(|&fd| unsafe { libc::fcntl(fd, libc::F_GETFD) } & libc::FD_CLOEXEC != 0)
+        .unwrap()
+        .to_string();
+    let msg = run(std::process::Command::new(agent_bin()).args(["serve", "--listen-fd", &closed]));
+    assert!(
+        msg.contains(&format!("descriptor {closed} is not open")),
+        "{msg}"
+    );
+
+    // A file, and a bound socket that does not listen, handed over open.
+    let file = std::fs::File::open(&site.manifest_path).unwrap();
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket
+        .bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    for (fd, expected) in [
+        (file.as_raw_fd(), "is not a socket"),
+        (socket.as_raw_fd(), "is not a listening TCP socket"),
+    ] {
+        let mut cmd = std::process::Command::new(agent_bin());
+        cmd.arg("serve");
+        ami_agent::http::pass_listener(&mut cmd, &fd);
+        let msg = run(&mut cmd);
+        assert!(msg.contains(&format!("--listen-fd {fd}")), "{msg}");
+        assert!(msg.contains(expected), "{msg}");
+    }
 }

@@ -348,28 +348,22 @@ async fn a_full_server_is_overloaded_not_dead() {
 fn a_low_open_file_limit_is_survived_without_rebinding() {
     use std::os::unix::process::CommandExt;
     let site = test_site();
-    let port = free_port();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let log = site.dir.path().join("agent.log");
     let mut cmd = std::process::Command::new(agent_bin());
-    cmd.args([
-        "serve",
-        "--listen",
-        &addr.to_string(),
-        "--health-interval",
-        "1",
-    ])
-    .arg("--root")
-    .arg(&site.root)
-    .arg("--manifest")
-    .arg(&site.manifest_path)
-    .arg("--drift-source")
-    .arg(format!("http://{addr}/"))
-    .env_remove("NOTIFY_SOCKET")
-    .env_remove("WATCHDOG_USEC")
-    .env("AMI_AGENT_LOG", "info")
-    .stdout(std::process::Stdio::null())
-    .stderr(std::fs::File::create(&log).unwrap());
+    cmd.arg("serve");
+    let (listener, addr) = listener_for(&mut cmd);
+    cmd.args(["--health-interval", "1"])
+        .arg("--root")
+        .arg(&site.root)
+        .arg("--manifest")
+        .arg(&site.manifest_path)
+        .arg("--drift-source")
+        .arg(format!("http://{addr}/"))
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("WATCHDOG_USEC")
+        .env("AMI_AGENT_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
     // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
     unsafe {
         cmd.pre_exec(|| {
@@ -385,6 +379,7 @@ fn a_low_open_file_limit_is_survived_without_rebinding() {
         });
     }
     let child = cmd.spawn().unwrap();
+    drop(listener);
     let mut agent = Agent {
         child,
         addr,

@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use tracing::info;
 
+use ami_agent::http::pass_listener;
+
 use super::process::{is_alive, spawn_detached, stop};
 use super::release::{copy_content, find};
 use super::state::{InstanceRecord, StateError, Store};
@@ -61,7 +63,14 @@ impl LocalCompute {
         }
     }
 
-    fn start(&self, record: &InstanceRecord, agent: &Path) -> Result<u32, CloudError> {
+    /// Starts the agent on `listener`, which it inherits: the port was never free for
+    /// another process to take between choosing it and the agent serving on it.
+    fn start(
+        &self,
+        record: &InstanceRecord,
+        listener: &TcpListener,
+        agent: &Path,
+    ) -> Result<u32, CloudError> {
         let dir = self.store.instance_dir(&record.id);
         let release = find(&self.store.releases_dir(), &record.image)
             .map_err(|e| CloudError::NotFound(e.to_string()))?;
@@ -75,8 +84,6 @@ impl LocalCompute {
         cmd.arg("serve")
             .arg("--root")
             .arg(&www)
-            .arg("--listen")
-            .arg(record.addr().to_string())
             .arg("--shutdown-timeout")
             .arg(
                 SHUTDOWN_GRACE
@@ -91,6 +98,7 @@ impl LocalCompute {
             std::fs::copy(&m, &copy).map_err(other)?;
             cmd.arg("--manifest").arg(copy);
         }
+        pass_listener(&mut cmd, listener);
         // The agent reads AMI_AGENT_* settings: the user's own must not leak into a fleet.
         for (key, _) in std::env::vars_os() {
             if key.to_string_lossy().starts_with("AMI_AGENT_") {
@@ -119,12 +127,6 @@ fn accepting(addr: SocketAddr) -> bool {
     TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
 }
 
-/// A port nobody listens on now. The agent binds it a moment later: if someone else took
-/// it meanwhile, the agent exits and the instance reads as down (a failed launch).
-fn free_port() -> std::io::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
 impl Compute for LocalCompute {
     async fn instances(&self, fleet: &str) -> Result<Vec<Instance>, CloudError> {
         let state = self.store.load()?;
@@ -149,6 +151,8 @@ impl Compute for LocalCompute {
 
     async fn launch(&self, launch: &Launch) -> Result<String, CloudError> {
         let id = instance_id(&launch.token);
+        // Bound here and inherited by the agent; this process's copy closes at the end.
+        let listener = TcpListener::bind("127.0.0.1:0").map_err(other)?;
         self.store.update(|state| {
             if state.instances.contains_key(&id) {
                 return Ok::<_, CloudError>(());
@@ -162,12 +166,12 @@ impl Compute for LocalCompute {
                 retiring: None,
                 token: launch.token.clone(),
                 name: launch.name.clone(),
-                port: free_port().map_err(other)?,
+                port: listener.local_addr().map_err(other)?.port(),
                 pid: None,
                 launched_unix: crate::rollout::now_unix(),
                 terminated: false,
             };
-            let pid = self.start(&record, &state.agent.clone())?;
+            let pid = self.start(&record, &listener, &state.agent.clone())?;
             info!(%id, pid, port = record.port, image = %record.image, "started instance");
             state.instances.insert(
                 id.clone(),

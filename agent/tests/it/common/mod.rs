@@ -151,13 +151,23 @@ pub fn parse_response(buf: &[u8]) -> Option<RawResponse> {
     })
 }
 
-/// A port that was free a moment ago, for child processes that must bind it themselves.
+/// A port nobody listened on a moment ago: for a client that must find nothing there.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// Binds a loopback port here and hands the listening socket to `cmd` (`--listen-fd`), as
+/// the local fleet does: the port is the child's from the start. Drop the listener once
+/// the child is spawned.
+pub fn listener_for(cmd: &mut Command) -> (std::net::TcpListener, SocketAddr) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    ami_agent::http::pass_listener(cmd, &listener);
+    (listener, addr)
 }
 
 pub fn agent_bin() -> &'static str {
@@ -173,17 +183,14 @@ pub struct Agent {
 
 impl Agent {
     pub fn spawn(site: &TestSite, extra: &[&str], env: &[(&str, &str)]) -> Agent {
-        let port = free_port();
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let stderr_path = site.dir.path().join(format!("agent-{port}.log"));
         let mut cmd = Command::new(agent_bin());
-        cmd.arg("serve")
-            .arg("--root")
+        cmd.arg("serve");
+        let (listener, addr) = listener_for(&mut cmd);
+        let stderr_path = site.dir.path().join(format!("agent-{}.log", addr.port()));
+        cmd.arg("--root")
             .arg(&site.root)
             .arg("--manifest")
             .arg(&site.manifest_path)
-            .arg("--listen")
-            .arg(addr.to_string())
             // Its own listener as the clock reference: the tests never leave the machine.
             .arg("--drift-source")
             .arg(format!("http://{addr}/"))
@@ -197,6 +204,7 @@ impl Agent {
             cmd.env(k, v);
         }
         let child = cmd.spawn().unwrap();
+        drop(listener);
         Agent {
             child,
             addr,
@@ -206,11 +214,11 @@ impl Agent {
 
     /// The agent serving a directory with no manifest file (it makes one at start).
     pub fn spawn_plain(site: &TestSite) -> Agent {
-        let port = free_port();
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let stderr_path = site.dir.path().join(format!("agent-{port}.log"));
-        let child = Command::new(agent_bin())
-            .args(["serve", "--listen", &addr.to_string()])
+        let mut cmd = Command::new(agent_bin());
+        cmd.arg("serve");
+        let (listener, addr) = listener_for(&mut cmd);
+        let stderr_path = site.dir.path().join(format!("agent-{}.log", addr.port()));
+        let child = cmd
             .arg("--root")
             .arg(&site.root)
             .arg("--drift-source")
@@ -220,6 +228,7 @@ impl Agent {
             .stderr(std::fs::File::create(&stderr_path).unwrap())
             .spawn()
             .unwrap();
+        drop(listener);
         Agent {
             child,
             addr,

@@ -32,22 +32,30 @@ impl Moto {
             eprintln!("skipped: moto_server is not installed (pip install 'moto[server]')");
             return None;
         }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new("moto_server")
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start moto_server");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "moto_server did not start");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        // moto binds its port itself, so the port is chosen below the kernel's ephemeral
+        // range, where no outgoing connection of a parallel test can be given it meanwhile;
+        // and a moto that exits before it answers (the port was taken) is started again on
+        // the next one.
+        let (child, port) = (0..8)
+            .find_map(|_| {
+                let port = next_port();
+                let mut child = Command::new("moto_server")
+                    .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("start moto_server");
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while TcpStream::connect(("127.0.0.1", port)).is_err() {
+                    if child.try_wait().unwrap().is_some() {
+                        return None;
+                    }
+                    assert!(Instant::now() < deadline, "moto_server did not start");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Some((child, port))
+            })
+            .expect("moto_server could not bind any of 8 ports");
         Some(Moto {
             child,
             endpoint: format!("http://127.0.0.1:{port}"),
@@ -283,4 +291,23 @@ pub async fn moto_rebuild_outputs_with(
         .send()
         .await
         .unwrap();
+}
+
+/// A port free a moment ago, between 10000 and the kernel's ephemeral range; each call in
+/// this process moves on, starting from an offset of its own.
+fn next_port() -> u16 {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
+    let base = 10_000u16.min(low / 2);
+    let span = low - base;
+    let start = (std::process::id() % u32::from(span)) as u16 + 1;
+    let _ = NEXT.compare_exchange(0, start, Ordering::SeqCst, Ordering::SeqCst);
+    (0..span)
+        .map(|_| base + NEXT.fetch_add(1, Ordering::SeqCst) % span)
+        .find(|&port| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok())
+        .expect("a free port below the ephemeral range")
 }
