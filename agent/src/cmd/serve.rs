@@ -83,6 +83,15 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
         Some(path) => FileConfig::load(path)?,
         None => FileConfig::default(),
     };
+    // --listen on the command line is refused with --listen-fd; the file's is only ignored,
+    // so say so rather than serve somewhere the file does not name.
+    if let (Some(listener), Some(configured)) = (&inherited, file.listen) {
+        warn!(
+            configured = %configured,
+            serving = %listener.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string()),
+            "the config file's `listen` is ignored: serving on the socket inherited at --listen-fd"
+        );
+    }
     let settings = config::resolve(
         Overrides {
             root: args.root,

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
@@ -103,11 +103,11 @@ impl Server {
             send: config.send_timeout,
         };
         let mut http = http1::Builder::new();
-        http.timer(TokioTimer::new())
-            // `conn::Guarded` enforces the header and keep-alive limits. hyper's own timer
-            // runs from the end of the previous response, so it could only be a looser
-            // copy of them, and it costs a timer armed and cancelled per request.
-            .header_read_timeout(None)
+        // `conn::Guarded` enforces the header and keep-alive limits. hyper's own timeout
+        // runs from the end of the previous response, so it could only be a looser copy of
+        // them, and it costs a timer armed and cancelled per request. Off, and no timer:
+        // nothing else in hyper's HTTP/1 server uses one.
+        http.header_read_timeout(None)
             .max_header_size(config.max_header_bytes)
             // The read buffer holds a head plus pipelined requests; hyper's minimum is 8 KiB.
             .max_buf_size((config.max_header_bytes * 2).max(8192))

@@ -288,6 +288,37 @@ fn manifest_command_is_deterministic_and_serve_reads_a_config_file() {
     let _ = child.kill();
     let _ = child.wait();
 
+    // With an inherited socket the file's `listen` is not used, and the log says so.
+    let mut cmd = Command::new(agent_bin());
+    cmd.args(["serve", "--config", config.to_str().unwrap()])
+        .env("AMI_AGENT_LOG", "info")
+        .stderr(std::fs::File::create(&log).unwrap());
+    let (listener, inherited) = listener_for(&mut cmd);
+    let mut child = cmd.spawn().unwrap();
+    drop(listener);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let text = loop {
+        let text = std::fs::read_to_string(&log).unwrap();
+        if text.contains("listening addr=") {
+            break text;
+        }
+        assert!(Instant::now() < deadline, "never listened: {text}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        text.contains("the config file's `listen` is ignored")
+            && text.contains("configured=127.0.0.1:0")
+            && text.contains(&format!("serving={inherited}")),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("listening addr={inherited}")),
+        "{text}"
+    );
+    assert_eq!(blocking_get(inherited, "/version.txt").unwrap(), VERSION);
+    let _ = child.kill();
+    let _ = child.wait();
+
     // A misspelt key is an error that names it.
     std::fs::write(&config, "root = \"/x\"\nhealth_intervall = 3\n").unwrap();
     let out = Command::new(agent_bin())

@@ -1,7 +1,7 @@
 //! [`Compute`] for the local fleet: an instance is an `ami-agent serve` process with its own
 //! copy of the release's content, listening on a loopback port of its own.
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -9,6 +9,7 @@ use std::time::Duration;
 use tracing::info;
 
 use ami_agent::http::pass_listener;
+use tokio::net::TcpListener;
 
 use super::process::{is_alive, spawn_detached, stop};
 use super::release::{copy_content, find};
@@ -151,8 +152,11 @@ impl Compute for LocalCompute {
 
     async fn launch(&self, launch: &Launch) -> Result<String, CloudError> {
         let id = instance_id(&launch.token);
-        // Bound here and inherited by the agent; this process's copy closes at the end.
-        let listener = TcpListener::bind("127.0.0.1:0").map_err(other)?;
+        // Bound here and inherited by the agent; this process's copy closes at the end. The
+        // agent's own bind, so the socket is what the agent would have made (SO_REUSEADDR,
+        // its listen backlog), not std's backlog of 128.
+        let listener =
+            ami_agent::http::bind(SocketAddr::from(([127, 0, 0, 1], 0)), false).map_err(other)?;
         self.store.update(|state| {
             if state.instances.contains_key(&id) {
                 return Ok::<_, CloudError>(());
