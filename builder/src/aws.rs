@@ -37,19 +37,26 @@ pub enum AwsError {
 fn timeouts() -> TimeoutConfig {
     TimeoutConfig::builder()
         .connect_timeout(Duration::from_secs(10))
-        // One 512 KiB block over a slow uplink takes seconds, not a minute.
-        .operation_attempt_timeout(Duration::from_secs(60))
+        .operation_attempt_timeout(ATTEMPT_TIMEOUT)
         .operation_timeout(Duration::from_secs(5 * 60))
         .build()
 }
 
+/// One attempt of a call. One 512 KiB block over a slow uplink takes seconds, not a minute.
+pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Attempts of a call: 6 spans about a minute of an API's bad moment.
+pub const MAX_ATTEMPTS: u32 = 6;
+/// The first retry's backoff; it doubles up to [`MAX_BACKOFF`].
+pub const INITIAL_BACKOFF: Duration = Duration::from_millis(200);
+pub const MAX_BACKOFF: Duration = Duration::from_secs(20);
+
 /// Throttling and 5xx are retried with exponential backoff and full jitter by the SDK's
-/// standard strategy; 6 attempts spans about a minute of an API's bad moment.
+/// standard strategy.
 fn retries() -> RetryConfig {
     RetryConfig::standard()
-        .with_max_attempts(6)
-        .with_initial_backoff(Duration::from_millis(200))
-        .with_max_backoff(Duration::from_secs(20))
+        .with_max_attempts(MAX_ATTEMPTS)
+        .with_initial_backoff(INITIAL_BACKOFF)
+        .with_max_backoff(MAX_BACKOFF)
 }
 
 /// Loads the standard chain and checks that credentials and a region are there, before
@@ -95,7 +102,12 @@ where
             None => full,
         }
     });
-    match code.as_str() {
+    classify_code(action, &code, message)
+}
+
+/// [`classify`] for an error read off the wire: its code (`""` if it had none) and message.
+pub fn classify_code(action: &'static str, code: &str, message: String) -> AwsError {
+    match code {
         "AccessDenied"
         | "AccessDeniedException"
         | "UnauthorizedOperation"

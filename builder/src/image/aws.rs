@@ -5,11 +5,14 @@ use aws_sdk_ec2::types::{
     ArchitectureValues, BlockDeviceMapping, BootModeValues, EbsBlockDevice, Filter,
     ImdsSupportValues, ResourceType, Tag, TagSpecification, TpmSupportValues, VolumeType,
 };
+use std::sync::{Arc, RwLock};
+
 use aws_smithy_types::byte_stream::ByteStream;
 use bytes::Bytes;
 
 use crate::aws::{classify, error_code, AwsError};
 
+use super::blocks::{BlockWriter, Capture};
 use super::publish::{AmiRecord, ImageRegistry, RegisterError};
 use super::register::{RegisterSpec, ROOT_DEVICE};
 use super::upload::{SnapshotState, SnapshotStore, StartSpec};
@@ -18,14 +21,28 @@ use super::upload::{SnapshotState, SnapshotStore, StartSpec};
 pub struct AwsImages {
     pub ebs: aws_sdk_ebs::Client,
     pub ec2: aws_sdk_ec2::Client,
+    /// What the last StartSnapshot resolved, for the block puts (see `blocks`).
+    blocks: Arc<RwLock<Option<Arc<BlockWriter>>>>,
 }
 
 impl AwsImages {
     pub fn new(config: &aws_config::SdkConfig) -> Self {
+        Self::from_clients(
+            aws_sdk_ebs::Client::new(config),
+            aws_sdk_ec2::Client::new(config),
+        )
+    }
+
+    pub fn from_clients(ebs: aws_sdk_ebs::Client, ec2: aws_sdk_ec2::Client) -> Self {
         AwsImages {
-            ebs: aws_sdk_ebs::Client::new(config),
-            ec2: aws_sdk_ec2::Client::new(config),
+            ebs,
+            ec2,
+            blocks: Arc::default(),
         }
+    }
+
+    fn block_writer(&self) -> Option<Arc<BlockWriter>> {
+        self.blocks.read().ok()?.clone()
     }
 
     /// Whether the account encrypts every new EBS volume in this region: then no volume
@@ -61,10 +78,16 @@ impl SnapshotStore for AwsImages {
         for (k, v) in &spec.tags {
             req = req.tags(aws_sdk_ebs::types::Tag::builder().key(k).value(v).build());
         }
+        let capture = Capture::default();
         let out = req
+            .customize()
+            .interceptor(capture.clone())
             .send()
             .await
             .map_err(|e| classify("ebs:StartSnapshot", e))?;
+        if let Ok(mut slot) = self.blocks.write() {
+            *slot = capture.writer().map(Arc::new);
+        }
         // BlockSize in the answer is ignored on purpose: EBS takes 524288-byte blocks.
         out.snapshot_id.ok_or_else(|| AwsError::Other {
             action: "ebs:StartSnapshot",
@@ -79,6 +102,9 @@ impl SnapshotStore for AwsImages {
         data: Bytes,
         checksum_b64: String,
     ) -> Result<(), AwsError> {
+        if let Some(writer) = self.block_writer() {
+            return writer.put(snapshot_id, index, data, &checksum_b64).await;
+        }
         let len = data.len() as i32;
         self.ebs
             .put_snapshot_block()

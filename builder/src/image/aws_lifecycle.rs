@@ -49,18 +49,16 @@ impl ImageLifecycle for AwsImages {
 
     fn in_region(&self, region: &str) -> Self {
         let region = Region::new(region.to_owned());
-        AwsImages {
-            ebs: aws_sdk_ebs::Client::from_conf(
+        AwsImages::from_clients(
+            aws_sdk_ebs::Client::from_conf(
                 self.ebs
                     .config()
                     .to_builder()
                     .region(region.clone())
                     .build(),
             ),
-            ec2: aws_sdk_ec2::Client::from_conf(
-                self.ec2.config().to_builder().region(region).build(),
-            ),
-        }
+            aws_sdk_ec2::Client::from_conf(self.ec2.config().to_builder().region(region).build()),
+        )
     }
 
     async fn list(&self, tags: &[(&str, &str)]) -> Result<Vec<AmiDetails>, AwsError> {

@@ -2,6 +2,7 @@
 
 pub mod aws;
 pub mod aws_lifecycle;
+pub mod blocks;
 pub mod buffers;
 pub mod cache;
 pub mod digest;

@@ -6,6 +6,7 @@
 mod common;
 
 mod archive;
+mod block_writer;
 mod destroy_moto;
 mod fleet_moto;
 mod iam_isolation;

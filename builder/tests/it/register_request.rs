@@ -73,7 +73,7 @@ async fn captured(spec: RegisterSpec) -> String {
     let ec2 = aws_sdk_ec2::Client::new(&config(&url));
     let ebs = aws_sdk_ebs::Client::new(&config(&url));
     // The answer is an error, so the call itself fails; the request is what matters.
-    let _ = AwsImages { ebs, ec2 }.register(&spec).await;
+    let _ = AwsImages::from_clients(ebs, ec2).register(&spec).await;
     let body = request.join().unwrap();
     body.replace("%2F", "/").replace("%3A", ":")
 }
