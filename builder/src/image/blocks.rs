@@ -3,7 +3,7 @@
 //! A publish makes 2,048 PutSnapshotBlock calls per GiB. The SDK's orchestrator
 //! (interceptors, config-bag layers, retry, timeout and throughput wrappers) costs about
 //! 130 µs of CPU per call on the benchmark's machine: 0.27 CPU-s per GiB, a fifth of a
-//! publish's CPU and more than anything in it but SHA-256 (bench/README.md).
+//! publish's CPU and more than anything in it but SHA-256 (bench/publish.sh; README).
 //!
 //! Only that machinery is left out; what the SDK resolved is kept. StartSnapshot goes
 //! through the SDK client with [`Capture`] attached, which takes from that call the runtime

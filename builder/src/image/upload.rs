@@ -357,7 +357,8 @@ async fn worker<S: SnapshotStore>(
 }
 
 /// Puts one block, riding out the window in which a fresh snapshot is not yet visible.
-/// Throttling and transient faults are retried below this, by the SDK's retry policy.
+/// Throttling and transient faults are retried below this, with the SDK's standard policy
+/// (`blocks`).
 async fn put_with_grace<S: SnapshotStore>(
     store: &S,
     snapshot_id: &str,
