@@ -79,14 +79,11 @@ impl SnapshotStore for AwsImages {
             req = req.tags(aws_sdk_ebs::types::Tag::builder().key(k).value(v).build());
         }
         let capture = Capture::default();
-        let out = req
-            .customize()
-            .interceptor(capture.clone())
-            .send()
-            .await
-            .map_err(|e| classify("ebs:StartSnapshot", e))?;
+        let sent = req.customize().interceptor(capture.clone()).send().await;
+        let writer = capture.writer();
+        let out = sent.map_err(|e| classify("ebs:StartSnapshot", e))?;
         if let Ok(mut slot) = self.blocks.write() {
-            *slot = capture.writer().map(Arc::new);
+            *slot = writer.map(Arc::new);
         }
         // BlockSize in the answer is ignored on purpose: EBS takes 524288-byte blocks.
         out.snapshot_id.ok_or_else(|| AwsError::Other {

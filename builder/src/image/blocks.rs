@@ -10,21 +10,33 @@
 //! the SDK built for this client (its HTTP connector: the same connection pool, TLS, proxy
 //! and timeouts; its identity cache and credentials chain; its time source), the endpoint
 //! it called, and the region and service it signed for. Each block is then signed by
-//! aws-sigv4, the SDK's own signer, with the settings the SDK uses for this operation (the
-//! payload unsigned: the body carries its SHA-256 in `x-amz-Checksum`), and sent on that
-//! connector. What is ours is small and follows the SDK: its standard retries (throttling,
-//! 5xx, I/O errors and timeouts; the same attempts and backoff as every other call), the
-//! restJson1 error shape, and the clock skew learned from each answer's Date header. The
-//! tests check the signature against botocore's signer, written by other people.
+//! aws-sigv4, the SDK's own signer, with the settings the SDK uses for this operation: the
+//! payload unsigned (the body carries its SHA-256 in `x-amz-Checksum`) and said so in a
+//! signed `x-amz-content-sha256: UNSIGNED-PAYLOAD`, without which EBS hashes the body and
+//! refuses every block (awslabs/aws-sdk-rust #930, smithy-lang/smithy-rs #3126). It is sent
+//! on that connector. What is ours is small and follows the SDK: its standard retries
+//! (throttling, 500/502/503/504, I/O errors and timeouts; the same attempts and backoff as
+//! every other call), closing a connection that answered a transient error (the SDK's
+//! connection poisoning), and the restJson1 error shape. One thing goes further than the
+//! SDK, which signs with the local clock: the skew learned from each answer's Date header
+//! corrects the signing time, and a put refused for its time is retried once the skew is
+//! known. The tests sign the requests again with botocore, written by other people.
+//!
+//! What the SDK's stalled-stream protection would add here is nothing: it watches the body
+//! while it is read, and a block is one chunk the HTTP client takes at once. A stalled
+//! connection ends at the attempt timeout, as in the SDK.
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use aws_sigv4::http_request::{sign, SignableBody, SignableRequest, SigningSettings};
+use aws_sigv4::http_request::{
+    sign, PayloadChecksumKind, SignableBody, SignableRequest, SigningSettings,
+};
 use aws_sigv4::sign::v4;
 use aws_smithy_runtime_api::box_error::BoxError;
 use aws_smithy_runtime_api::client::auth::AuthSchemeId;
+use aws_smithy_runtime_api::client::connection::CaptureSmithyConnection;
 use aws_smithy_runtime_api::client::http::{
     HttpClient, HttpConnector, HttpConnectorSettings, SharedHttpConnector,
 };
@@ -72,8 +84,10 @@ pub struct Capture {
 }
 
 impl Capture {
+    /// Takes what was captured (the captured runtime holds this interceptor: leaving it
+    /// here would be a reference cycle).
     pub fn writer(&self) -> Option<BlockWriter> {
-        self.writer.lock().ok()?.clone()
+        self.writer.lock().ok()?.take()
     }
 }
 
@@ -117,18 +131,18 @@ fn now(components: &RuntimeComponents) -> SystemTime {
         .map_or_else(SystemTime::now, |t| t.now())
 }
 
-/// How far the service's clock is ahead of ours, from the Date header of its answers; the
-/// SDK signs with the same correction, so a machine whose clock is off still uploads.
+/// How far the service's clock is ahead of ours, from the Date header of its answers, so a
+/// machine whose clock is off (or steps during an upload) still uploads.
 #[derive(Debug, Default)]
 struct ClockSkew {
     millis: AtomicI64,
 }
 
 impl ClockSkew {
-    /// Learns from one answer; returns whether the estimate moved by more than a minute.
-    fn learn(&self, date: &str, local: SystemTime) -> bool {
+    /// Learns from one answer.
+    fn learn(&self, date: &str, local: SystemTime) {
         let Ok(remote) = httpdate::parse_http_date(date) else {
-            return false;
+            return;
         };
         let skew = match remote.duration_since(local) {
             Ok(ahead) => i64::try_from(ahead.as_millis()).unwrap_or(i64::MAX),
@@ -136,12 +150,14 @@ impl ClockSkew {
         };
         // A Date has whole seconds: within 1 s it says nothing.
         let skew = if skew.abs() < 1000 { 0 } else { skew };
-        let before = self.millis.swap(skew, Ordering::Relaxed);
-        (skew - before).abs() > 60_000
+        self.millis.store(skew, Ordering::Relaxed);
     }
 
-    fn apply(&self, local: SystemTime) -> SystemTime {
-        let skew = self.millis.load(Ordering::Relaxed);
+    fn get(&self) -> i64 {
+        self.millis.load(Ordering::Relaxed)
+    }
+
+    fn apply(skew: i64, local: SystemTime) -> SystemTime {
         let by = Duration::from_millis(skew.unsigned_abs());
         if skew >= 0 {
             local + by
@@ -243,7 +259,11 @@ impl BlockWriter {
     }
 
     async fn attempt(&self, uri: &str, data: &Bytes, checksum_b64: &str) -> Result<(), Failure> {
-        let request = self.signed(uri, data, checksum_b64).await?;
+        // The skew this attempt signs with: other puts may learn a new one meanwhile.
+        let skew = self.skew.get();
+        let mut request = self.signed(uri, data, checksum_b64, skew).await?;
+        let connection = CaptureSmithyConnection::new();
+        request.add_extension(connection.clone());
         let response = match self.connector.call(request).await {
             Ok(r) => r,
             Err(e) => {
@@ -260,10 +280,10 @@ impl BlockWriter {
                 });
             }
         };
-        let skewed = response
-            .headers()
-            .get("date")
-            .is_some_and(|d| self.skew.learn(d, now(&self.components)));
+        if let Some(date) = response.headers().get("date") {
+            self.skew.learn(date, now(&self.components));
+        }
+        let skewed = (self.skew.get() - skew).abs() > 60_000;
         let status = response.status().as_u16();
         let type_header = response
             .headers()
@@ -275,6 +295,13 @@ impl BlockWriter {
         }
         let body = body.map(|b| b.into_bytes()).unwrap_or_default();
         let (code, message) = error_of(type_header.as_deref(), &body, status);
+        if TRANSIENT_STATUS.contains(&status) {
+            // As the SDK does: the retry goes out on another connection, so it can reach
+            // another host behind the endpoint.
+            if let Some(c) = connection.get() {
+                c.poison();
+            }
+        }
         Err(Failure {
             retry: retryable(status, &code) || (skewed && SKEW_CODES.contains(&code.as_str())),
             error: classify_code(ACTION, &code, message),
@@ -286,6 +313,7 @@ impl BlockWriter {
         uri: &str,
         data: &Bytes,
         checksum_b64: &str,
+        skew: i64,
     ) -> Result<HttpRequest, Failure> {
         let fail = |message: String, retry: bool| Failure {
             error: AwsError::Credentials(message),
@@ -310,13 +338,17 @@ impl BlockWriter {
             ("x-amz-checksum-algorithm", "SHA256"),
             ("x-amz-data-length", length.as_str()),
         ];
-        let time = self.skew.apply(now(&self.components));
+        let time = ClockSkew::apply(skew, now(&self.components));
+        // The SDK's settings for this operation (`content_sha256_header` in its
+        // put_snapshot_block.rs): everything default but the signed payload header.
+        let mut settings = SigningSettings::default();
+        settings.payload_checksum_kind = PayloadChecksumKind::XAmzSha256;
         let params = v4::SigningParams::builder()
             .identity(&identity)
             .region(&self.region)
             .name(&self.service)
             .time(time)
-            .settings(SigningSettings::default())
+            .settings(settings)
             .build()
             .map_err(|e| fail(e.to_string(), false))?
             .into();
@@ -361,7 +393,11 @@ const SKEW_CODES: &[&str] = &[
     "RequestInTheFuture",
 ];
 
-/// The SDK's standard policy: throttling and transient codes, and 500, 502, 503, 504.
+/// What the SDK's standard policy calls a transient error by its status.
+const TRANSIENT_STATUS: &[u16] = &[500, 502, 503, 504];
+
+/// The SDK's standard policy: throttling and transient codes and statuses; and 429, which
+/// the SDK leaves to the code (every throttling answer here has one).
 fn retryable(status: u16, code: &str) -> bool {
     const THROTTLING: &[&str] = &[
         "Throttling",
@@ -380,7 +416,8 @@ fn retryable(status: u16, code: &str) -> bool {
         "EC2ThrottledException",
     ];
     const TRANSIENT: &[&str] = &["RequestTimeout", "RequestTimeoutException"];
-    matches!(status, 429 | 500 | 502 | 503 | 504)
+    status == 429
+        || TRANSIENT_STATUS.contains(&status)
         || THROTTLING.contains(&code)
         || TRANSIENT.contains(&code)
 }
@@ -477,13 +514,21 @@ mod tests {
     fn skew_is_learned_from_the_date_header() {
         let skew = ClockSkew::default();
         let local = httpdate::parse_http_date("Fri, 04 Dec 2026 12:00:00 GMT").unwrap();
-        assert!(skew.learn("Fri, 04 Dec 2026 13:00:00 GMT", local));
-        assert_eq!(skew.apply(local), local + Duration::from_secs(3600));
+        skew.learn("Fri, 04 Dec 2026 13:00:00 GMT", local);
+        assert_eq!(skew.get(), 3_600_000);
+        assert_eq!(
+            ClockSkew::apply(skew.get(), local),
+            local + Duration::from_secs(3600)
+        );
         // Within a second: no skew; a garbled date changes nothing.
-        assert!(skew.learn("Fri, 04 Dec 2026 12:00:00 GMT", local));
-        assert_eq!(skew.apply(local), local);
-        assert!(!skew.learn("yesterday", local));
-        assert!(skew.learn("Fri, 04 Dec 2026 11:50:00 GMT", local));
-        assert_eq!(skew.apply(local), local - Duration::from_secs(600));
+        skew.learn("Fri, 04 Dec 2026 12:00:00 GMT", local);
+        assert_eq!(skew.get(), 0);
+        skew.learn("yesterday", local);
+        assert_eq!(skew.get(), 0);
+        skew.learn("Fri, 04 Dec 2026 11:50:00 GMT", local);
+        assert_eq!(
+            ClockSkew::apply(skew.get(), local),
+            local - Duration::from_secs(600)
+        );
     }
 }

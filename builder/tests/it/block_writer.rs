@@ -23,6 +23,8 @@ const SNAPSHOT: &str = "snap-0123456789abcdef0";
 /// One request as the endpoint read it.
 #[derive(Debug, Clone)]
 struct Seen {
+    /// Which TCP connection it came on, in the order they were accepted.
+    connection: usize,
     method: String,
     path: String,
     headers: Vec<(String, String)>,
@@ -79,16 +81,24 @@ impl Endpoint {
         };
         let shared = endpoint.clone();
         std::thread::spawn(move || {
-            for stream in listener.incoming() {
+            for (connection, stream) in listener.incoming().enumerate() {
                 let Ok(stream) = stream else { return };
                 let shared = shared.clone();
-                std::thread::spawn(move || shared.serve(stream, clock_ahead, start_ahead));
+                std::thread::spawn(move || {
+                    shared.serve(stream, connection, clock_ahead, start_ahead)
+                });
             }
         });
         endpoint
     }
 
-    fn serve(&self, stream: TcpStream, clock_ahead: Duration, start_ahead: bool) {
+    fn serve(
+        &self,
+        stream: TcpStream,
+        connection: usize,
+        clock_ahead: Duration,
+        start_ahead: bool,
+    ) {
         let mut reader = BufReader::new(stream.try_clone().unwrap());
         let mut stream = stream;
         loop {
@@ -113,6 +123,7 @@ impl Endpoint {
                 headers.push((n.trim().to_owned(), v.trim().to_owned()));
             }
             let mut seen = Seen {
+                connection,
                 method,
                 path,
                 headers,
@@ -282,11 +293,9 @@ async fn a_block_is_signed_as_botocore_signs_it() {
     assert_eq!(put.header("x-amz-checksum-algorithm"), Some("SHA256"));
     assert_eq!(put.header("x-amz-data-length"), Some("524288"));
     assert_eq!(put.header("content-length"), Some("524288"));
-    assert_eq!(
-        put.header("x-amz-content-sha256"),
-        None,
-        "the payload is unsigned"
-    );
+    // Without this signed header EBS hashes the body to check the signature, and refuses
+    // every block (awslabs/aws-sdk-rust #930).
+    assert_eq!(put.header("x-amz-content-sha256"), Some("UNSIGNED-PAYLOAD"));
     assert_eq!(
         put.header("x-amz-security-token"),
         Some("session/token+with=odd chars")
@@ -296,14 +305,17 @@ async fn a_block_is_signed_as_botocore_signs_it() {
             .is_some_and(|u| u.starts_with("amictl/")),
         "sent by the block writer, not the SDK client: {put:?}"
     );
+    // The host that was signed (the URL's, port included) is the one the request carried.
+    assert_eq!(put.header("host"), endpoint.url.strip_prefix("http://"));
     let authorization = put.header("authorization").unwrap();
     assert!(
         authorization.contains("/eu-west-1/ebs/aws4_request"),
         "{authorization}"
     );
 
-    // botocore signs the same request (its headers, its x-amz-date, an unsigned payload):
-    // the signature must be the same.
+    // botocore signs the same operation: given only the operation's own headers, the time
+    // and an unsigned payload, it adds the headers signing needs (date, token, payload) and
+    // signs; headers and signature must come out the same.
     let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
     let has_botocore = Command::new(&python)
         .args(["-c", "import botocore"])
@@ -326,9 +338,15 @@ async fn a_block_is_signed_as_botocore_signs_it() {
         .unwrap()
         .split(';')
         .collect();
-    let headers: Vec<(String, String)> = signed_headers
+    let added_by_signing = [
+        "host",
+        "x-amz-date",
+        "x-amz-security-token",
+        "x-amz-content-sha256",
+    ];
+    let operation_headers: Vec<(String, String)> = signed_headers
         .iter()
-        .filter(|h| **h != "host")
+        .filter(|h| !added_by_signing.contains(h))
         .map(|h| (h.to_string(), put.header(h).unwrap().to_owned()))
         .collect();
     let script = r#"
@@ -337,19 +355,19 @@ from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 args = json.loads(sys.argv[1])
-class Unsigned(SigV4Auth):
-    def payload(self, request):
-        return "UNSIGNED-PAYLOAD"
 request = AWSRequest(method="PUT", url=args["url"], headers=dict(args["headers"]))
 request.context["timestamp"] = args["amz_date"]
-auth = Unsigned(Credentials("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY", args["token"]), "ebs", "eu-west-1")
+request.context["payload_signing_enabled"] = False
+auth = SigV4Auth(Credentials("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY", args["token"]), "ebs", "eu-west-1")
+auth._modify_request_before_signing(request)
 canonical = auth.canonical_request(request)
 print(auth.signed_headers(auth.headers_to_sign(request)))
 print(auth.signature(auth.string_to_sign(request, canonical), request))
+print(json.dumps({k.lower(): v for k, v in request.headers.items()}))
 "#;
     let args = serde_json::json!({
         "url": format!("{}{}", endpoint.url, put.path),
-        "headers": headers,
+        "headers": operation_headers,
         "amz_date": put.header("x-amz-date").unwrap(),
         "token": "session/token+with=odd chars",
     });
@@ -370,6 +388,11 @@ print(auth.signature(auth.string_to_sign(request, canonical), request))
         authorization.ends_with(&format!("Signature={expected}")),
         "botocore signs {expected}, amictl sent {authorization}"
     );
+    let botocore: std::collections::BTreeMap<String, String> =
+        serde_json::from_str(lines.next().unwrap()).unwrap();
+    for (name, value) in &botocore {
+        assert_eq!(put.header(name), Some(value.as_str()), "{name}");
+    }
 }
 
 #[tokio::test]
@@ -397,6 +420,12 @@ async fn throttling_and_server_faults_are_retried_until_the_block_lands() {
     start_and_put(&endpoint, 3).await.unwrap();
     let puts = endpoint.puts();
     assert_eq!(puts.len(), 4, "three failures, then the block");
+    // A transient error closes its connection, so the retry can reach another host (the
+    // SDK's connection poisoning); a throttled one keeps it.
+    let connections: Vec<usize> = puts.iter().map(|p| p.connection).collect();
+    assert_ne!(connections[0], connections[1], "{connections:?}");
+    assert_eq!(connections[1], connections[2], "{connections:?}");
+    assert_ne!(connections[2], connections[3], "{connections:?}");
     assert!(puts.iter().all(|p| p.body == block().to_vec()
         && p.path.ends_with("/blocks/3")
         && p.header("x-amz-checksum") == Some(CHECKSUM)));
