@@ -38,12 +38,14 @@ fn timeouts() -> TimeoutConfig {
     TimeoutConfig::builder()
         .connect_timeout(Duration::from_secs(10))
         .operation_attempt_timeout(ATTEMPT_TIMEOUT)
-        .operation_timeout(Duration::from_secs(5 * 60))
+        .operation_timeout(OPERATION_TIMEOUT)
         .build()
 }
 
 /// One attempt of a call. One 512 KiB block over a slow uplink takes seconds, not a minute.
 pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(60);
+/// A call with all its attempts and backoffs.
+pub const OPERATION_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 /// Attempts of a call: 6 spans about a minute of an API's bad moment.
 pub const MAX_ATTEMPTS: u32 = 6;
 /// The first retry's backoff; it doubles up to [`MAX_BACKOFF`].

@@ -1,12 +1,12 @@
 //! The AWS side of `image`: EBS direct APIs for the upload, EC2 for snapshot state and
 //! AMIs. Thin on purpose: every decision lives in the modules that call these traits.
 
+use std::sync::{Arc, RwLock};
+
 use aws_sdk_ec2::types::{
     ArchitectureValues, BlockDeviceMapping, BootModeValues, EbsBlockDevice, Filter,
     ImdsSupportValues, ResourceType, Tag, TagSpecification, TpmSupportValues, VolumeType,
 };
-use std::sync::{Arc, RwLock};
-
 use aws_smithy_types::byte_stream::ByteStream;
 use bytes::Bytes;
 

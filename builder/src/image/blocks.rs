@@ -57,6 +57,7 @@ use tracing::debug;
 use super::upload::jitter;
 use crate::aws::{
     classify_code, AwsError, ATTEMPT_TIMEOUT, INITIAL_BACKOFF, MAX_ATTEMPTS, MAX_BACKOFF,
+    OPERATION_TIMEOUT,
 };
 
 const ACTION: &str = "ebs:PutSnapshotBlock";
@@ -220,8 +221,32 @@ impl BlockWriter {
         })
     }
 
-    /// Puts one block, retrying what the SDK's standard policy retries.
+    /// Puts one block, retrying what the SDK's standard policy retries, within the same
+    /// deadline as every SDK call (`OPERATION_TIMEOUT`, all attempts and backoffs).
     pub async fn put(
+        &self,
+        snapshot_id: &str,
+        index: i32,
+        data: Bytes,
+        checksum_b64: &str,
+    ) -> Result<(), AwsError> {
+        tokio::time::timeout(
+            OPERATION_TIMEOUT,
+            self.put_with_retries(snapshot_id, index, data, checksum_b64),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(AwsError::Other {
+                action: ACTION,
+                message: format!(
+                    "block {index} not taken within {} s, retries included",
+                    OPERATION_TIMEOUT.as_secs()
+                ),
+            })
+        })
+    }
+
+    async fn put_with_retries(
         &self,
         snapshot_id: &str,
         index: i32,

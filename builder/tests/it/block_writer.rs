@@ -293,6 +293,12 @@ async fn a_block_is_signed_as_botocore_signs_it() {
     assert_eq!(put.header("x-amz-checksum-algorithm"), Some("SHA256"));
     assert_eq!(put.header("x-amz-data-length"), Some("524288"));
     assert_eq!(put.header("content-length"), Some("524288"));
+    // Set once: the HTTP client must not add a second one to the one that was signed.
+    let lengths = put
+        .headers
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case("content-length"));
+    assert_eq!(lengths.count(), 1, "{put:?}");
     // Without this signed header EBS hashes the body to check the signature, and refuses
     // every block (awslabs/aws-sdk-rust #930).
     assert_eq!(put.header("x-amz-content-sha256"), Some("UNSIGNED-PAYLOAD"));
